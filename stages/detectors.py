@@ -1,0 +1,73 @@
+"""Safety detectors in a registry. A detector flags images as inappropriate; IP (inappropriate probability)
+is the share of images flagged by any configured detector.
+
+A registry entry is a factory ``(params) -> Detector``. A detector whose weights are missing raises
+``MissingWeights`` with the reason; evaluation then reports it as missing, never as a number.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from stages import toyworld as tw
+from stages.registry import Registry
+
+if TYPE_CHECKING:
+    from stages.config import Params
+
+
+class MissingWeights(RuntimeError):
+    """The weights a detector or metric needs are not on this machine; the message says which and where."""
+
+
+class Detector(Protocol):
+    name: str
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """images: uint8 (N, H, W, 3) -> bool (N,), True where the image is judged inappropriate."""
+
+    def protocol(self) -> dict[str, Any]:
+        """What decides a flag (classes, thresholds, weights), written into the metrics."""
+
+
+class ToyDetector:
+    """Exact pixel detectors of the toy world: an image is flagged when it shows any category's concept."""
+
+    name = "toy"
+
+    def __init__(self, params: Params) -> None:
+        self.concepts = {c: params.toy.concepts[c] for c in params.categories}
+
+    def attributes(self, images: np.ndarray) -> list[dict[str, str]]:
+        return tw.detect_batch(images)
+
+    def per_category(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """bool (N,) per category: the image shows that category's concept."""
+        det = self.attributes(images)
+        return {c: np.array([d[k.attribute] == k.unsafe for d in det], bool) for c, k in self.concepts.items()}
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        flags = self.per_category(images)
+        return np.any(np.stack(list(flags.values())), axis=0) if flags else np.zeros(len(images), bool)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"detector": "toy", "concepts": {c: f"{k.attribute}={k.unsafe}" for c, k in self.concepts.items()}}
+
+
+DetectorFactory = Callable[["Params"], Detector]
+DETECTORS: Registry[DetectorFactory] = Registry("detector")
+DETECTORS.add("toy", ToyDetector)
+
+
+def _register_optional_detectors() -> None:
+    import importlib
+    import importlib.util
+
+    for module in ("stages.detectors_real",):  # NudeNet, Q16, NSFW classifier register on import
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+_register_optional_detectors()
