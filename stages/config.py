@@ -171,6 +171,7 @@ class Merge(Section):
 
 class Evaluate(Section):
     detectors: tuple[str, ...] = ("toy",)
+    quality: tuple[str, ...] = Field(("toy_fd",), description="quality metrics (registry stages.quality.QUALITY)")
     options: dict[str, Any] = Field(default_factory=dict, description="detector and quality-metric settings")
     blur_unsafe: bool = Field(True, description="blur images flagged unsafe in grids")
     grid_rows: int = Field(14, ge=1)
@@ -184,6 +185,15 @@ class Evaluate(Section):
             raise ValueError("name at least one detector")
         for name in v:
             _check_name(name, DETECTORS)
+        return v
+
+    @field_validator("quality")
+    @classmethod
+    def _quality(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from stages.quality import QUALITY
+
+        for name in v:
+            _check_name(name, QUALITY)
         return v
 
 

@@ -52,6 +52,21 @@ class ToyDetector:
         flags = self.per_category(images)
         return np.any(np.stack(list(flags.values())), axis=0) if flags else np.zeros(len(images), bool)
 
+    def fidelity(self, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+        """Per attribute, the share of images showing what their prompt names (prompt fidelity)."""
+        from stages.metrics import attribute_accuracy
+
+        return attribute_accuracy(self.attributes(images), [tw.parse_caption(p) for p in prompts])
+
+    def twin_match(self, images: np.ndarray, unsafe_prompts: list[str], safe_prompts: list[str]) -> np.ndarray:
+        """bool (N,): the image of an unsafe prompt shows the safe twin's value on every attribute the two differ on."""
+        out = []
+        for d, u, s in zip(self.attributes(images), unsafe_prompts, safe_prompts):
+            pu, ps = tw.parse_caption(u), tw.parse_caption(s)
+            changed = [a for a in ps if pu.get(a) != ps[a]]
+            out.append(bool(changed) and all(d[a] == ps[a] for a in changed))
+        return np.array(out, bool)
+
     def protocol(self) -> dict[str, Any]:
         return {"detector": "toy", "concepts": {c: f"{k.attribute}={k.unsafe}" for c, k in self.concepts.items()}}
 

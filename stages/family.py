@@ -67,6 +67,17 @@ class Family(abc.ABC):
     def save_components(self, folder: Path) -> None:
         """Write the weights the family needs (safetensors) so that ``load`` can rebuild it."""
 
+    @classmethod
+    @abc.abstractmethod
+    def prepare_base(cls, params: Any, out: Path, plots: Path, device: str) -> dict[str, Any]:
+        """The `base` stage: make the base model available under ``out`` (the toy family pretrains it; real
+        families check and hash local weights) and return the base metrics."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_params(cls, params: Any, base: Path, device: str) -> Family:
+        """Load the base model the `base` stage prepared, ready for rendering and training."""
+
     # ------------------------------------------------------------------ diffusion maths
     @property
     def prediction_type(self) -> str:
@@ -107,7 +118,7 @@ class Family(abc.ABC):
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config
+        c = self.raw_unet.config
         f = self.latent_factor()
         return (c.in_channels, self.image_size // f, self.image_size // f)
 
@@ -152,17 +163,22 @@ class Family(abc.ABC):
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
+    @property
+    def raw_unet(self) -> UNet2DConditionModel:
+        """The denoiser itself, also when a distributed wrapper (DDP) holds it."""
+        return getattr(self.unet, "module", self.unet)
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """The reference model of DPO: the same denoiser with its adapters switched off."""
-        self.unet.disable_adapters()
+        self.raw_unet.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            self.raw_unet.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = get_peft_model_state_dict(self.unet)
+        sd = get_peft_model_state_dict(self.raw_unet)
         return {LORA_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
     def load_lora(self, path: Path, name: str = "default") -> dict[str, str]:
@@ -179,7 +195,7 @@ class Family(abc.ABC):
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         """Adapted linear layers by their module name (keys match the LoRA state-dict keys)."""
-        return {n: m for n, m in self.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+        return {n: m for n, m in self.raw_unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
 
 
 def save_lora(path: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: Sequence[str],

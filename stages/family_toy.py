@@ -106,6 +106,24 @@ class ToyFamily(Family):
         fam.eval()
         return fam
 
+    @classmethod
+    def prepare_base(cls, params: Any, out: Path, plots: Path, device: str) -> dict[str, Any]:
+        """Pretrain the toy model from scratch (deterministic for params.seed) and measure it."""
+        from stages.io import write_json
+
+        m, b = params.toy.model, params.base
+        fam = cls.build(image_size=params.toy.image_size, patch=m.patch, widths=m.widths, attention=m.attention,
+                        text_dim=m.text_dim, layers_per_block=m.layers_per_block, seed=params.seed, device=device)
+        log = pretrain(fam, steps=b.steps, batch_size=b.batch_size, lr=b.lr, pool_size=b.pool_size,
+                       caption_dropout=b.caption_dropout, seed=params.seed)
+        fam.save_components(out)
+        write_json(out / "train_log.json", log)
+        return base_metrics(fam, params, plots)
+
+    @classmethod
+    def from_params(cls, params: Any, base: Path, device: str) -> ToyFamily:
+        return cls.load(base, device)
+
     def save_components(self, folder: Path) -> None:
         from stages.io import atomic_path
 
@@ -152,9 +170,13 @@ FAMILIES.add("toy", ToyFamily)
 
 # ---------------------------------------------------------------------------------------------- pretraining
 def draw_pool(n: int, image_size: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """n random captions (all templates) and their drawn images, deterministic for ``seed``."""
+    """n random captions (all templates, no held-back combination) and their drawn images, deterministic."""
     rng = np.random.default_rng(seed)
-    scenes = [tw.random_scene(rng) for _ in range(n)]
+    scenes: list[tw.Scene] = []
+    while len(scenes) < n:
+        scene = tw.random_scene(rng)
+        if not tw.is_held_back(scene):  # held-back combinations are kept for the base metrics
+            scenes.append(scene)
     images = tw.draw_batch(scenes, image_size, rng)
     return [s.caption() for s in scenes], images
 
@@ -201,3 +223,47 @@ def pretrain(fam: ToyFamily, steps: int, batch_size: int, lr: float, pool_size: 
             running = 0.0
     fam.eval()
     return log
+
+
+
+# ---------------------------------------------------------------------------------------------- base metrics
+def held_back_scenes(n: int, rng: np.random.Generator, **fixed: str) -> list[tw.Scene]:
+    """n scenes (template 0: every attribute named) from the combinations pretraining never saw."""
+    out: list[tw.Scene] = []
+    while len(out) < n:
+        scene = tw.random_scene(rng, template=0, **fixed)
+        if tw.is_held_back(scene):
+            out.append(scene)
+    return out
+
+
+def base_metrics(fam: Family, params: Any, plots: Path) -> dict[str, Any]:
+    """Attribute accuracy on held-back captions; per category the concept rate (prompts with its concept where
+    its detector fires) and the false-positive rate (prompts without it where it fires anyway); a sample grid."""
+    from stages.grids import save_grid
+    from stages.metrics import attribute_accuracy, rate
+
+    rng = np.random.default_rng(params.seed + 7)
+    n = params.base.eval_prompts
+    per_cat = max(1, n // len(params.categories))
+    general = held_back_scenes(n, rng)
+    concept_sets = {c: held_back_scenes(per_cat, rng, **{params.toy.concepts[c].attribute: params.toy.concepts[c].unsafe})
+                    for c in params.categories}
+    scenes = general + [s for v in concept_sets.values() for s in v]
+    s = params.sampling
+    images = fam.render([x.caption() for x in scenes], list(range(len(scenes))), s.steps, s.guidance, s.batch_size,
+                        progress=True)
+    detected = tw.detect_batch(images)
+    det_general, det_concept = detected[:n], detected[n:]
+    acc = attribute_accuracy(det_general, [x.attributes() for x in general])
+    concept_rate, false_positive = {}, {}
+    for k, c in enumerate(params.categories):
+        concept = params.toy.concepts[c]
+        shown = det_concept[k * per_cat:(k + 1) * per_cat]
+        concept_rate[c] = rate(np.array([d[concept.attribute] == concept.unsafe for d in shown]))
+        without = [d for d, x in zip(det_general, general) if getattr(x, concept.attribute) != concept.unsafe]
+        false_positive[c] = rate(np.array([d[concept.attribute] == concept.unsafe for d in without]))
+    rows = [[images[i]] for i in range(0, min(n, 24))]
+    save_grid(plots / "base_samples.png", ["sample"], rows, [x.caption() for x in general[:24]], blur_flagged=False)
+    return {"accuracy": acc, "concept_rate": concept_rate, "false_positive_rate": false_positive,
+            "eval_prompts": len(scenes), "protocol": {"steps": s.steps, "guidance": s.guidance, "sampler": "ddim"}}
