@@ -20,14 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -145,7 +138,7 @@ def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
 class StableDiffusionFamily(Family):
     """SD 1.x / 2.x: one CLIP text encoder (last hidden states), a UNet over 4-channel VAE latents."""
 
-    pipeline_class: ClassVar[type] = StableDiffusionPipeline
+    pipeline_name: ClassVar[str] = "StableDiffusionPipeline"  # the diffusers pipeline class (imported on use)
     pipeline_extras: ClassVar[dict[str, Any]] = dict(safety_checker=None, feature_extractor=None,
                                                      requires_safety_checker=False)
     default_resolution: ClassVar[int] = 512
@@ -173,6 +166,12 @@ class StableDiffusionFamily(Family):
         self.eval()
 
     # ------------------------------------------------------------------ build / load / save
+    @classmethod
+    def pipeline_class(cls) -> Any:
+        import diffusers  # the pipeline modules pull in image processors: import them only when used
+
+        return getattr(diffusers, cls.pipeline_name)
+
     @classmethod
     def text_encoder_names(cls) -> list[str]:
         """Names of the text encoders in a diffusers folder: text_encoder, text_encoder_2, ..."""
@@ -220,10 +219,10 @@ class StableDiffusionFamily(Family):
         kw: dict[str, Any] = dict(dtype=DTYPES[dtype], local_files_only=True, **cls.pipeline_extras)
         try:
             if path.is_dir():
-                pipe = cls.pipeline_class.from_pretrained(str(path), use_safetensors=True,
+                pipe = cls.pipeline_class().from_pretrained(str(path), use_safetensors=True,
                                                           variant=options.get("variant"), **kw)
             else:
-                pipe = cls.pipeline_class.from_single_file(str(path), config=options.get("config"), **kw)
+                pipe = cls.pipeline_class().from_single_file(str(path), config=options.get("config"), **kw)
         except (OSError, ValueError, SingleFileComponentError) as e:
             raise MissingWeights(f"model.path={path}: could not load a {cls.__name__} pipeline offline ({e}). "
                                  + cls._what_to_put()) from None
@@ -261,7 +260,7 @@ class StableDiffusionFamily(Family):
         parts: dict[str, Any] = dict(zip(self.text_encoder_names(), self.text_encoders, strict=True))
         parts.update(zip(self.tokenizer_names(), self.tokenizers, strict=True))
         sched = scheduler or DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
-        return self.pipeline_class(unet=self.unet, vae=self.vae, scheduler=sched, **parts, **self.pipeline_extras)
+        return self.pipeline_class()(unet=self.unet, vae=self.vae, scheduler=sched, **parts, **self.pipeline_extras)
 
     def save_components(self, folder: Path) -> None:
         """Write a diffusers folder (safetensors) that ``load`` reads back."""
@@ -301,9 +300,9 @@ class StableDiffusionFamily(Family):
             raise MissingWeights(f"model.path={path}: no model_index.json, so not a diffusers folder. "
                                  + cls._what_to_put())
         declared = json.loads(index.read_text())
-        if declared.get("_class_name") != cls.pipeline_class.__name__:
+        if declared.get("_class_name") != cls.pipeline_name:
             raise MissingWeights(f"model.path={path}: holds a {declared.get('_class_name')}, not the "
-                                 f"{cls.pipeline_class.__name__} this family loads. " + cls._what_to_put())
+                                 f"{cls.pipeline_name} this family loads. " + cls._what_to_put())
         names = ["unet", "vae", *cls.text_encoder_names(), *cls.tokenizer_names(), "scheduler"]
         for name in names:
             sub = path / name
@@ -405,7 +404,7 @@ class SD21Family(StableDiffusionFamily):
 class SDXLFamily(StableDiffusionFamily):
     """SDXL base: CLIP-L and OpenCLIP-bigG penultimate states concatenated, pooled embeds and time ids, 1024 px."""
 
-    pipeline_class = StableDiffusionXLPipeline
+    pipeline_name = "StableDiffusionXLPipeline"
     pipeline_extras: ClassVar[dict[str, Any]] = {}
     default_resolution = 1024
     unet_config = UNET_SDXL
