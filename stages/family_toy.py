@@ -182,13 +182,14 @@ def draw_pool(n: int, image_size: int, seed: int) -> tuple[list[str], np.ndarray
 
 
 def pretrain(fam: ToyFamily, steps: int, batch_size: int, lr: float, pool_size: int, caption_dropout: float,
-             seed: int, log_every: int = 100, progress: bool = True) -> list[dict[str, float]]:
+             seed: int, log_every: int = 100, progress: bool = True,
+             pool: tuple[list[str], np.ndarray] | None = None) -> list[dict[str, float]]:
     """Train the UNet and the text encoder together with the v-prediction MSE on drawn images.
 
     Deterministic for a given seed on the CPU (one generator drives captions, dropout, timesteps and noise).
-    Returns the loss log.
+    ``pool`` (captions, images in [0, 1]) replaces the drawn pool (tests use a smaller world). Returns the loss log.
     """
-    captions, images = draw_pool(pool_size, fam.image_size, seed)
+    captions, images = pool if pool is not None else draw_pool(pool_size, fam.image_size, seed)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) in [0, 1]
     gen = torch.Generator().manual_seed(seed)
     params = list(fam.unet.parameters()) + list(fam.text_encoder.parameters())
