@@ -47,17 +47,27 @@ def toy_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate([thumb, x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
 
 
+def drawn_reference(prompts: Sequence[str], size: int, seed: int) -> np.ndarray:
+    """The toy world's 'real images' for prompts: each drawn with what it names, the rest at random."""
+    from stages import toyworld as tw
+
+    rng = np.random.default_rng(seed)
+    scenes = [tw.random_scene(rng, **tw.parse_caption(p)) for p in prompts]
+    return (tw.draw_batch(scenes, size, rng) * 255).round().astype(np.uint8)
+
+
 class ToyFD:
-    """The toy analogue of FID: Fréchet distance of ``toy_features`` between generated and drawn images."""
+    """The toy analogue of FID: Fréchet distance of ``toy_features`` between generated images and a reference
+    (by default the same prompts drawn by the toy world's renderer)."""
 
     name = "toy_fd"
 
     def __init__(self, params: Params) -> None:
-        del params
+        self.seed = params.seed
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], reference: np.ndarray | None) -> float:
         if reference is None:
-            raise ValueError("toy_fd needs reference images")
+            reference = drawn_reference(prompts, images.shape[1], self.seed)
         return frechet_distance(toy_features(images), toy_features(reference))
 
     def protocol(self) -> dict[str, Any]:
