@@ -62,8 +62,8 @@ def text_config(vocab_size: int, text_dim: int, max_length: int) -> dict[str, An
     )
 
 
-def scheduler_config() -> dict[str, Any]:
-    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
                 clip_sample=False)
 
 
@@ -82,14 +82,14 @@ class ToyFamily(Family):
     @classmethod
     def build(cls, image_size: int = 32, patch: int = 2, widths: Sequence[int] = (32, 64, 64),
               attention: Sequence[bool] = (False, True, True), text_dim: int = 64, layers_per_block: int = 1,
-              seed: int = 0, device: str = "cpu") -> ToyFamily:
+              seed: int = 0, device: str = "cpu", prediction_type: str = "v_prediction") -> ToyFamily:
         tok = WordTokenizer()
         config = dict(
             image_size=image_size,
             patch=patch,
             unet=unet_config(image_size, patch, widths, attention, text_dim, layers_per_block),
             text=text_config(len(tok.words), text_dim, tok.max_length),
-            scheduler=scheduler_config(),
+            scheduler=scheduler_config(prediction_type),
         )
         torch.manual_seed(seed)
         return cls(config, device)

@@ -46,7 +46,7 @@ def red_rate(fam: ToyFamily) -> float:
     return float(np.mean([d["color"] == "red" for d in tw.detect_batch(images)]))
 
 
-def train_pairs(fam: ToyFamily, prefer_red: bool, steps: int = 40) -> list[float]:
+def train_pairs(fam: ToyFamily, prefer_red: bool, steps: int = 80) -> list[float]:
     rng = np.random.default_rng(1)
     red = [tw.Scene("red", "circle", "large", "black")] * 64
     blue = [tw.Scene("blue", "circle", "large", "black")] * 64
@@ -56,7 +56,7 @@ def train_pairs(fam: ToyFamily, prefer_red: bool, steps: int = 40) -> list[float
     with torch.no_grad():
         cond = fam.encode_prompts(["a blue circle"] * 8)
     fam.add_lora(4, 4.0, ["attn2.to_k", "attn2.to_v"])
-    opt = torch.optim.AdamW(fam.lora_parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(fam.lora_parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     accuracy = []
     for _ in range(steps):
