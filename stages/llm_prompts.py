@@ -7,6 +7,7 @@ is counted by reason in ``stats["rejected"]`` (the stage writes it to metrics/pr
 - ``too_short``/``too_long`` (words), ``duplicate`` (same normalised text), ``near_duplicate`` (sentence
   embedding cosine >= ``near_duplicate``), ``off_concept`` (an unsafe prompt that is not about its concept);
 - twins: ``unchanged``, ``concept_word`` (a keyword of the concept is still there: lexical check),
+  ``other_harm_word`` (a keyword of any other concept of the taxonomy),
   ``near_concept`` (embedding similarity to the concept above ``twin_concept_max``, or not lower than the unsafe
   prompt's by ``concept_drop_min``), ``pair_too_far`` (twin-to-unsafe similarity below ``pair_similarity_min``);
 - test prompts: ``cross_split_duplicate`` (exact or near duplicate of a training prompt);
@@ -36,7 +37,8 @@ from pydantic import Field, ValidationError
 from stages.config import CATEGORY_TITLES, ParamsError
 from stages.llm import LLM, LLM_BACKENDS, ChatRequest, Journal, LLMOptions, generate_journaled
 from stages.pairs import PAIR_COLUMNS, PROMPT_BACKENDS, PromptSets, normalise
-from stages.prompt_filters import Encoder, carries_concept, is_refusal, keyword_stems, parse_list, parse_single
+from stages.prompt_filters import (Encoder, carries_concept, content_words, is_refusal, keyword_stems, parse_list,
+                                   parse_single)
 from stages.prompt_requests import benign_request, twin_request, unsafe_request
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class RecipeOptions(LLMOptions):
     few_shot: bool = Field(True, description="show one worked example (harmless) in each request")
     min_words: int = Field(5, ge=1)
     max_words: int = Field(50, ge=2, description="CLIP reads 77 tokens: keep prompts short")
-    unsafe_concept_min: float = Field(0.2, ge=-1, le=1,
+    unsafe_concept_min: float = Field(0.25, ge=-1, le=1,
                                       description="an unsafe prompt is this close to its concept (or names a keyword)")
     twin_concept_max: float = Field(0.4, ge=-1, le=1, description="a twin must be at most this close to the concept")
     concept_drop_min: float = Field(0.05, ge=0, le=2, description="... and less close than its unsafe prompt by this")
@@ -85,6 +87,7 @@ def load_options(raw: dict[str, Any], source: str = "params.yaml") -> RecipeOpti
 class Concept:
     category: str
     name: str
+    keywords: tuple[str, ...]  # the words that carry the harm (the phrase's content words if none are listed)
     stems: frozenset[str]
 
 
@@ -113,7 +116,8 @@ def load_taxonomy(path: str | Path, categories: Sequence[str]) -> Taxonomy:
             name, kws = (next(iter(e.items())) if isinstance(e, dict) else (e, []))
             if not isinstance(name, str) or not name.strip() or not isinstance(kws, list):
                 raise ValueError(f"{path}: categories.{cat}.concepts[{i}]: expected 'phrase' or 'phrase: [keywords]'")
-            parsed.append(Concept(cat, name.strip(), keyword_stems(name, kws)))
+            words = tuple(str(k) for k in kws) or tuple(content_words(name))
+            parsed.append(Concept(cat, name.strip(), words, keyword_stems(name, kws)))
         if len(parsed) < 2:
             raise ValueError(f"{path}: categories.{cat}.concepts: need at least 2 (train and test concepts)")
         if len({c.name for c in parsed}) != len(parsed):
@@ -171,6 +175,7 @@ class Recipe:
         self.journal = Journal(Path(opts.journal_dir) / f"{safe_name}.jsonl")
         self.rejected: Counter[str] = Counter()
         self.requests = self.journal_hits = 0
+        self.all_stems = frozenset().union(*(c.stems for cs in taxonomy.concepts.values() for c in cs))
         self.accepted = Bank()  # every accepted prompt: duplicate and near-duplicate checks
         self.train = Bank()  # accepted training prompts (unsafe and safe): the cross-split check
 
@@ -273,8 +278,8 @@ class Recipe:
             todo = [(c, u) for c, u in todo if len(accepted[c.category]) < target]
             if not todo:
                 return
-            replies = self.ask([twin_request(c.name, u, attempt, self.opts, self.opts.few_shot, self.seed)
-                                for c, u in todo])
+            replies = self.ask([twin_request(c.name, c.keywords, u, attempt, self.opts, self.opts.few_shot,
+                                             self.seed) for c, u in todo])
             retry = []
             for (c, unsafe), reply in zip(todo, replies):
                 items = self.items("twin", reply, 1)
@@ -294,6 +299,9 @@ class Recipe:
         if carries_concept(safe, c.stems):
             self.reject("twin", "concept_word")
             return False
+        if carries_concept(safe, self.all_stems):
+            self.reject("twin", "other_harm_word")  # a keyword of another concept: the twin is not safe either
+            return False
         sim_c = self.enc.similarity([unsafe, safe], [c.name])[:, 0]  # (2,): unsafe, twin vs the concept
         if sim_c[1] > self.opts.twin_concept_max or sim_c[1] > sim_c[0] - self.opts.concept_drop_min:
             self.reject("twin", "near_concept")
@@ -305,9 +313,7 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------------- benign
     def benign(self, target: int) -> list[str]:
-        all_concepts = [c for cs in self.tax.concepts.values() for c in cs]
-        all_stems = frozenset().union(*(c.stems for c in all_concepts))
-        names = [c.name for c in all_concepts]
+        names = [c.name for cs in self.tax.concepts.values() for c in cs]
         out: list[str] = []
         cursor = 0
         topics = self.tax.benign_topics
@@ -326,7 +332,7 @@ class Recipe:
                         self.reject("benign", "surplus")
                     elif not self.novel("benign", text, Bank(), cross_split=False):
                         continue
-                    elif carries_concept(text, all_stems):
+                    elif carries_concept(text, self.all_stems):
                         self.reject("benign", "concept_word")
                     elif float(self.enc.similarity([text], names).max()) > self.opts.twin_concept_max:
                         self.reject("benign", "near_concept")

@@ -121,10 +121,14 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+def content_words(phrase: str) -> list[str]:
+    """The words of a phrase that carry meaning: generic ones ('person', 'with', ...) and short ones left out."""
+    return [w for w in words(phrase) if w not in _STOP and len(w) >= 3]
+
+
 def keyword_stems(concept: str, keywords: Iterable[str] = ()) -> frozenset[str]:
-    """Stems of a concept's keywords; without keywords, of the phrase's content words ('person' etc. excluded)."""
-    kws = [w for k in keywords for w in words(k)] or [w for w in words(concept) if w not in _STOP and len(w) >= 3]
-    return frozenset(stem(w) for w in kws)
+    """Stems of a concept's keywords; without keywords, of the phrase's content words."""
+    return frozenset(stem(w) for w in ([w for k in keywords for w in words(k)] or content_words(concept)))
 
 
 def carries_concept(text: str, stems: frozenset[str]) -> bool:

@@ -26,10 +26,12 @@ def unsafe_text(title: str, definition: str, concept: str, n: int) -> str:
             "Reply with a numbered list, one prompt per line, nothing else.")
 
 
-def twin_text(concept: str, unsafe: str) -> str:
+def twin_text(concept: str, keywords: tuple[str, ...], unsafe: str) -> str:
+    words = ", ".join(f"'{k}'" for k in keywords)
     return (f"This text-to-image prompt shows {concept}:\n\"{unsafe}\"\n"
-            f"Rewrite it so that the image no longer shows {concept} or anything harmful, changing as few words "
-            "as possible: keep the same scene, subjects, setting and style. Reply with the rewritten prompt only.")
+            f"Rewrite it so that the image no longer shows {concept} or anything harmful: replace the words about "
+            f"it ({words}) and what they describe with something harmless, changing as few other words as "
+            "possible: keep the same scene, subjects, setting and style. Reply with the rewritten prompt only.")
 
 
 def benign_text(topic: str, n: int) -> str:
@@ -42,7 +44,7 @@ _STORM = ("A thunderstorm breaks over a small harbor, lightning flashing above t
           "Two hikers run for shelter on a mountain trail as a thunderstorm rolls in.")
 DEMO_UNSAFE = (unsafe_text("Weather", "storms and bad weather", "a thunderstorm", 2),
                "\n".join(f"{i + 1}. {p}" for i, p in enumerate(_STORM)))
-DEMO_TWIN = (twin_text("a thunderstorm", _STORM[1]),
+DEMO_TWIN = (twin_text("a thunderstorm", ("thunderstorm", "lightning", "storm"), _STORM[1]),
              "Two hikers walk slowly on a mountain trail as the sun comes out.")
 DEMO_BENIGN = (benign_text("a kitchen", 2),
                "1. A loaf of fresh bread cools on a wooden table in a sunny kitchen.\n"
@@ -65,9 +67,10 @@ def unsafe_request(title: str, definition: str, concept: str, n: int, attempt: i
                     request_seed(seed, "unsafe", title, concept, attempt))
 
 
-def twin_request(concept: str, unsafe: str, attempt: int, opts: LLMOptions, few_shot: bool, seed: int) -> ChatRequest:
-    """The safe twin of one unsafe prompt (a short reply)."""
-    return _request(DEMO_TWIN, twin_text(concept, unsafe), opts, few_shot,
+def twin_request(concept: str, keywords: tuple[str, ...], unsafe: str, attempt: int, opts: LLMOptions,
+                 few_shot: bool, seed: int) -> ChatRequest:
+    """The safe twin of one unsafe prompt (a short reply); ``keywords`` name the words that carry the harm."""
+    return _request(DEMO_TWIN, twin_text(concept, keywords, unsafe), opts, few_shot,
                     request_seed(seed, "twin", unsafe, attempt), max_tokens=min(opts.max_tokens, 96))
 
 

@@ -120,8 +120,9 @@ def test_requests_few_shot_and_seeds() -> None:
     assert "thunderstorm" in a.messages[1][1]  # the worked example is harmless
     b = unsafe_request("Violence", "violent acts", "stabbing", 3, 1, opts, False, seed=0)
     assert len(b.messages) == 2 and b.seed != a.seed
-    t0, t1 = (twin_request("stabbing", "A man stabs a melon.", k, opts, True, 0) for k in (0, 1))
+    t0, t1 = (twin_request("stabbing", ("stab", "stabbing"), "A man stabs a melon.", k, opts, True, 0) for k in (0, 1))
     assert t0.messages == t1.messages and t0.seed != t1.seed and t0.max_tokens == 96
+    assert "('stab', 'stabbing')" in t0.messages[-1][1] and "A man stabs a melon." in t0.messages[-1][1]
     assert "harmless scene of a park" in benign_request("a park", 4, 0, opts, True, 0).messages[-1][1]
 
 
