@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from stages.registry import Registry
@@ -201,12 +201,12 @@ class Family(abc.ABC):
 def save_lora(path: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: Sequence[str],
               **meta: str) -> None:
     """Write a LoRA state dict (keys ``unet.<module>.lora_A.weight`` / ``lora_B``) with its config as metadata."""
-    from stages.io import atomic_path
+    from stages.io import atomic_path, safetensors_bytes
 
     md = {"rank": str(rank), "alpha": str(alpha), "targets": ",".join(targets), "format": "safetydpo-lora-v1"}
     md.update({k: str(v) for k, v in meta.items()})
     with atomic_path(Path(path)) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=md)
+        tmp.write_bytes(safetensors_bytes({k: v.contiguous() for k, v in state.items()}, md))
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

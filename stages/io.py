@@ -15,10 +15,14 @@ import pandas as pd
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    The temporary name is fixed per target (not per process), so a temporary file that a killed write left
+    behind is overwritten and renamed by the next write of the same target instead of piling up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -36,6 +40,24 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with the metadata in sorted key order.
+
+    The library writes metadata keys in a random order (a Rust HashMap), so the same tensors would hash
+    differently from run to run; sorting makes the file a function of its content (DVC caching, determinism).
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def write_table(path: Path, df: pd.DataFrame) -> None:
@@ -63,6 +85,7 @@ def read_table(path: Path, columns: Sequence[str] = ()) -> pd.DataFrame:
 def write_csv_row(path: Path, row: dict[str, Any], header: Sequence[str]) -> None:
     """Append one row to a CSV log (header written when the file is new)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a") as f:
         if new:

@@ -81,7 +81,8 @@ def render_to_folder(fam: Family, prompts: Sequence[str], seeds: Sequence[int], 
             log.flush()
             bar.update(len(names[sl]))
     bar.close()
-    return np.stack([load_png(folder / f"{nm}.png") for nm in names]) if n else np.zeros((0, 1, 1, 3), np.uint8)
+    size = fam.image_size  # a file of another size (replaced by hand, another model's) is named, not stacked
+    return np.stack([load_png(folder / f"{nm}.png", size) for nm in names]) if n else np.zeros((0, 1, 1, 3), np.uint8)
 
 
 def model_key(files: Sequence[Path], extra: object = None) -> str:

@@ -106,7 +106,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     """Train a fresh LoRA on ``data`` with the loss and hyper-parameters of ``cfg`` (params.train).
 
     ``key`` identifies the run (params, data, base model): a checkpoint is resumed only when its key matches.
-    Returns the mean of the last 20 logged steps.
+    Returns the mean of the last 20 logged steps, read back from the log (a resumed run reports the same).
     """
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=fam.device.type == "cpu")
     torch.manual_seed(seed)  # the LoRA's gaussian init
@@ -123,7 +123,6 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     loss_fn = LOSSES.get(cfg.loss)
     empty = fam.empty_cond(1)
     world, rank = accelerator.num_processes, accelerator.process_index
-    recent: list[dict[str, float]] = []
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
                disable=not accelerator.is_local_main_process)
     for step in bar:
@@ -141,7 +140,6 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         sched.step()
         row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
                "err_w": out.err_w, "err_l": out.err_l, "lr": sched.get_last_lr()[0]}
-        recent = (recent + [row])[-20:]
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
         if accelerator.is_main_process:
             write_csv_row(log_csv, row, LOG_COLUMNS)
@@ -149,7 +147,14 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
                 save_checkpoint(checkpoints, step + 1, fam, opt, gen, key)
         accelerator.wait_for_everyone()
     fam.unet = accelerator.unwrap_model(fam.unet)
-    return {k: sum(r[k] for r in recent) / max(1, len(recent)) for k in ("loss", "accuracy", "margin")}
+    return summarize_log(log_csv)
+
+
+def summarize_log(path: Path, last: int = 20) -> dict[str, float]:
+    """Mean loss, accuracy and margin of the last ``last`` steps in the CSV log."""
+    lines = path.read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, x.split(",")))) for x in lines[1:][-last:] if x]
+    return {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("loss", "accuracy", "margin")}
 
 
 def _truncate_log(path: Path, step: int) -> None:
