@@ -7,6 +7,7 @@ so the allowed names are written in one place.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,11 +236,24 @@ class Params(Section):
         return self
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where an unquoted `no` (as `dvc exp run -S`
+    writes `train.mixed_precision: no`) would become False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml. ``overrides`` maps dotted keys to values (for tests and tools)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found") from None
     except yaml.YAMLError as e:

@@ -76,3 +76,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_unquoted_no_as_dvc_exp_run_writes_it_stays_a_string(tmp_path):
+    """`dvc exp run -S ...` rewrites params.yaml and drops the quotes of "no"; YAML 1.1 would read False."""
+    text = (ROOT / "params.yaml").read_text().replace('mixed_precision: "no"', "mixed_precision: no")
+    assert "mixed_precision: no" in text
+    (tmp_path / "params.yaml").write_text(text)
+    p = load_params(tmp_path / "params.yaml")
+    assert p.train.mixed_precision == "no" and p.evaluate.blur_unsafe is True

@@ -58,3 +58,22 @@ def test_every_merge_rule_runs(reference_copy: Path, method: str):
     assert meta["method"] == method and int(meta["rank"]) == raw["merge"]["rank"]
     merged = json.loads((reference_copy / "metrics/merge.json").read_text())
     assert merged["method"] == method and 0 <= merged["svd_rel_error"]["max"] <= 1
+
+
+def test_evaluate_with_real_detectors_reports_missing_weights(reference_copy: Path):
+    """NudeNet runs on the rendered toy images; Q16, FID and CLIPScore have no weights here and are reported as
+    missing with the reason, never as numbers."""
+    pytest.importorskip("nudenet")
+    raw = yaml.safe_load((reference_copy / "params.yaml").read_text())
+    set_dotted(raw, "evaluate.detectors", ["toy", "nudenet", "q16"])
+    set_dotted(raw, "evaluate.quality", ["toy_fd", "fid", "clipscore"])
+    (reference_copy / "params.yaml").write_text(yaml.safe_dump(raw))
+    run_inline(reference_copy, "evaluate")
+    ev = json.loads((reference_copy / "metrics/evaluate.json").read_text())
+    assert {"q16", "fid", "clipscore"} <= set(ev["missing"])
+    assert all(isinstance(r, str) and r for r in ev["missing"].values())
+    assert [d["detector"] for d in ev["protocol"]["detectors"]][:1] == ["toy"]
+    assert any("nudenet" in json.dumps(d).lower() for d in ev["protocol"]["detectors"])
+    for model in ("base", "aligned"):
+        assert "fid" not in ev[model] and "clipscore" not in ev[model]
+        assert isinstance(ev[model]["toy_fd"], float)
