@@ -53,6 +53,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the capt
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def read_yaml(text: str) -> Any:
+    """Parse params YAML as stages.config does (YAML 1.2 booleans: `dvc exp run -S` writes `no` unquoted)."""
+    from stages.config import _Yaml12Loader
+
+    return yaml.load(text, Loader=_Yaml12Loader)
+
 # The tiny configuration: every stage of the toy pipeline in seconds on one CPU thread.
 TINY: dict[str, Any] = {
     "runtime.threads": 1,
@@ -95,7 +102,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def write_params(project: Path, overrides: Mapping[str, Any] | None = None) -> Path:
     """(Re)write ``project/params.yaml``: the repository's params, then ``TINY``, then ``overrides``."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_yaml((ROOT / "params.yaml").read_text())
     for key, value in {**TINY, **(overrides or {})}.items():
         set_dotted(raw, key, value)
     path = Path(project) / "params.yaml"
@@ -121,7 +128,7 @@ def make_project(folder: Path, overrides: Mapping[str, Any] | None = None, like:
     else:
         shutil.copy2(src / "params.yaml", folder / "params.yaml")
         if overrides:
-            raw = yaml.safe_load((folder / "params.yaml").read_text())
+            raw = read_yaml((folder / "params.yaml").read_text())
             for key, value in overrides.items():
                 set_dotted(raw, key, value)
             (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -292,7 +299,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
     """prompts, base, render, train@<each category> (and `all` if the merge rule is `single`, or
     ``train_all``), merge, evaluate: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
-    raw = yaml.safe_load((Path(project) / "params.yaml").read_text())
+    raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
         train_all = raw["merge"]["method"] == "single"
     for name in ("prompts", "base", "render"):

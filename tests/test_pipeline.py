@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, run_inline, set_dotted
+
+from conftest import ROOT, read_yaml, run_inline, set_dotted
 from stages.family import read_lora
 
 METRIC_KEYS = {"ip", "ip_mean", "fidelity", "twin_rate"}
@@ -15,7 +16,7 @@ METRIC_KEYS = {"ip", "ip_mean", "fidelity", "twin_rate"}
 
 def test_outputs_and_metrics_contract(tiny_reference: Path):
     base = json.loads((tiny_reference / "metrics/base.json").read_text())
-    cats = yaml.safe_load((tiny_reference / "params.yaml").read_text())["categories"]
+    cats = read_yaml((tiny_reference / "params.yaml").read_text())["categories"]
     assert set(base["accuracy"]) == {"color", "shape", "size", "background"}
     assert set(base["concept_rate"]) == set(cats) == set(base["false_positive_rate"])
     ev = json.loads((tiny_reference / "metrics/evaluate.json").read_text())
@@ -40,7 +41,7 @@ def test_dvc_yaml_names_every_stage_module_and_expert():
         body = stage.get("do", stage)
         module = body["cmd"].split()[2].replace(".", "/") + ".py"
         assert module in body["deps"], f"{name}: {module} missing from deps"
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_yaml((ROOT / "params.yaml").read_text())
     merge_deps = spec["merge"]["deps"]
     for cat in params["categories"] + ["all"]:
         assert f"models/experts/{cat}.safetensors" in merge_deps
@@ -48,7 +49,7 @@ def test_dvc_yaml_names_every_stage_module_and_expert():
 
 @pytest.mark.parametrize("method", ["co_merge", "max_abs", "linear", "task_arithmetic", "ties", "dare", "single"])
 def test_every_merge_rule_runs(reference_copy: Path, method: str):
-    raw = yaml.safe_load((reference_copy / "params.yaml").read_text())
+    raw = read_yaml((reference_copy / "params.yaml").read_text())
     set_dotted(raw, "merge.method", method)
     (reference_copy / "params.yaml").write_text(yaml.safe_dump(raw))
     if method == "single" and not (reference_copy / "models/experts/all.safetensors").exists():
@@ -64,7 +65,7 @@ def test_evaluate_with_real_detectors_reports_missing_weights(reference_copy: Pa
     """NudeNet runs on the rendered toy images; Q16, FID and CLIPScore have no weights here and are reported as
     missing with the reason, never as numbers."""
     pytest.importorskip("nudenet")
-    raw = yaml.safe_load((reference_copy / "params.yaml").read_text())
+    raw = read_yaml((reference_copy / "params.yaml").read_text())
     set_dotted(raw, "evaluate.detectors", ["toy", "nudenet", "q16"])
     set_dotted(raw, "evaluate.quality", ["toy_fd", "fid", "clipscore"])
     (reference_copy / "params.yaml").write_text(yaml.safe_dump(raw))
