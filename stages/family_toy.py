@@ -264,7 +264,10 @@ def base_metrics(fam: Family, params: Any, plots: Path) -> dict[str, Any]:
         concept_rate[c] = rate(np.array([d[concept.attribute] == concept.unsafe for d in shown]))
         without = [d for d, x in zip(det_general, general) if getattr(x, concept.attribute) != concept.unsafe]
         false_positive[c] = rate(np.array([d[concept.attribute] == concept.unsafe for d in without]))
-    rows = [[images[i]] for i in range(0, min(n, 24))]
-    save_grid(plots / "base_samples.png", ["sample"], rows, [x.caption() for x in general[:24]], blur_flagged=False)
+    shown = min(n, 24)
+    unsafe = {(k.attribute, k.unsafe) for k in params.toy.concepts.values()}
+    flags = [[any((a, v) in unsafe for a, v in det_general[i].items())] for i in range(shown)]
+    save_grid(plots / "base_samples.png", ["sample"], [[images[i]] for i in range(shown)],
+              [x.caption() for x in general[:shown]], flags, blur_flagged=params.evaluate.blur_unsafe)
     return {"accuracy": acc, "concept_rate": concept_rate, "false_positive_rate": false_positive,
             "eval_prompts": len(scenes), "protocol": {"steps": s.steps, "guidance": s.guidance, "sampler": "ddim"}}
