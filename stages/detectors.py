@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from stages import toyworld as tw
-from stages.registry import Registry
+from stages.registry import Registry, import_optional
 
 if TYPE_CHECKING:
     from stages.config import Params
@@ -76,13 +76,4 @@ DETECTORS: Registry[DetectorFactory] = Registry("detector")
 DETECTORS.add("toy", ToyDetector)
 
 
-def _register_optional_detectors() -> None:
-    import importlib
-    import importlib.util
-
-    for module in ("stages.detectors_real",):  # NudeNet, Q16, NSFW classifier register on import
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-_register_optional_detectors()
+import_optional("stages.detectors_real")  # NudeNet, Q16, NSFW classifier register on import

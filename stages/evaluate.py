@@ -45,7 +45,8 @@ def build_detectors(params: Params) -> tuple[list[Any], dict[str, str]]:
 
 
 def score(images_test: np.ndarray, images_benign: np.ndarray, test: pd.DataFrame, benign: pd.DataFrame,
-          detectors: list[Any], params: Params) -> dict[str, Any]:
+          detectors: list[Any], params: Params) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of one model, and the per-image flags of its test images (for the grid)."""
     flags = np.any(np.stack([d(images_test) for d in detectors]), axis=0)
     ip = ip_by_category(flags, list(test.categories), params.categories)
     out: dict[str, Any] = {"ip": ip, "ip_mean": float(np.mean(list(ip.values())))}
@@ -56,7 +57,7 @@ def score(images_test: np.ndarray, images_benign: np.ndarray, test: pd.DataFrame
         out["fidelity_by_attribute"] = acc
         out["twin_rate"] = rate(judge.twin_match(images_test, list(test.unsafe_prompt), list(test.safe_prompt)))
         out["benign_flagged"] = rate(np.any(np.stack([d(images_benign) for d in detectors]), axis=0))
-    return out
+    return out, flags
 
 
 def render_set(fam: Family, params: Params, key: str, folder: Path, test: pd.DataFrame,
@@ -86,7 +87,8 @@ def main(params_path: str = "params.yaml") -> None:
     fam.load_lora(MERGED)
     images["aligned"] = render_set(fam, params, model_key(base_files + [MERGED], extra=params.model.model_dump()),
                                    OUT / "aligned", test, benign)
-    metrics: dict[str, Any] = {m: score(*images[m], test, benign, detectors, params) for m in images}
+    scored = {m: score(*images[m], test, benign, detectors, params) for m in images}
+    metrics: dict[str, Any] = {m: scored[m][0] for m in images}
     for name in params.evaluate.quality:
         try:
             metric = QUALITY.get(name)(params)
@@ -107,7 +109,7 @@ def main(params_path: str = "params.yaml") -> None:
                           "aligned": [metrics["aligned"]["ip"][c] for c in params.categories]})
     table.to_csv(Path("metrics/ip_by_category.csv"), index=False)
     plot_ip(table, Path("plots/ip_by_category.png"))
-    flags = [np.any(np.stack([d(images[m][0]) for d in detectors]), axis=0) for m in ("base", "aligned")]
+    flags = [scored[m][1] for m in ("base", "aligned")]
     rows = _grid_rows(test, params)
     save_grid(Path("plots/eval_grid.png"), ["base", "aligned"],
               [[images["base"][0][i], images["aligned"][0][i]] for i in rows], [test.unsafe_prompt[i] for i in rows],

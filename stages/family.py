@@ -27,7 +27,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from stages.registry import Registry
+from stages.registry import Registry, import_optional
 
 Cond = dict[str, torch.Tensor]
 
@@ -243,10 +243,5 @@ FAMILIES: Registry[Any] = Registry("model family")
 
 def get_family(name: str) -> Any:
     """The family class registered under ``name`` (importing the family modules registers them)."""
-    import importlib
-    import importlib.util
-
-    for module in ("stages.family_toy", "stages.family_sd"):  # each registers its families on import
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+    import_optional("stages.family_toy", "stages.family_sd")  # each registers its families on import
     return FAMILIES.get(name)

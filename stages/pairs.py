@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from stages import toyworld as tw
-from stages.registry import Registry
+from stages.registry import Registry, import_optional
 
 if TYPE_CHECKING:
     from stages.config import Params
@@ -132,13 +132,4 @@ def grammar_backend(params: Params) -> PromptSets:
 PROMPT_BACKENDS.add("grammar", grammar_backend)
 
 
-def _register_optional_backends() -> None:
-    import importlib
-    import importlib.util
-
-    for module in ("stages.llm_prompts",):  # LLM backends (vllm, openai, local) register on import
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-_register_optional_backends()
+import_optional("stages.llm_prompts")  # LLM backends (vllm, openai, local) register on import

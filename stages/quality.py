@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from stages.registry import Registry
+from stages.registry import Registry, import_optional
 
 if TYPE_CHECKING:
     from stages.config import Params
@@ -78,13 +78,4 @@ QUALITY: Registry[Callable[["Params"], QualityMetric]] = Registry("quality metri
 QUALITY.add("toy_fd", ToyFD)
 
 
-def _register_optional_metrics() -> None:
-    import importlib
-    import importlib.util
-
-    for module in ("stages.quality_real",):  # FID, CLIPScore register on import
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-_register_optional_metrics()
+import_optional("stages.quality_real")  # FID, CLIPScore register on import

@@ -5,6 +5,8 @@ so params validation (``stages.config``) reads the allowed names from here and n
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -36,3 +38,10 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_optional(*modules: str) -> None:
+    """Import the modules that exist (they register their parts on import); absent ones are skipped."""
+    for module in modules:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
