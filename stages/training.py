@@ -48,13 +48,16 @@ def config_key(*parts: Any) -> str:
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(folder: Path, step: int, fam: Family, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    key: str, keep: int = 2) -> None:
-    """Write ``folder/step_XXXXXX`` in one rename, then drop all but the ``keep`` newest."""
+                    key: str, keep: int = 2, log_csv: Path | None = None) -> None:
+    """Write ``folder/step_XXXXXX`` in one rename, then drop all but the ``keep`` newest. The per-step log so far
+    goes with it: DVC deletes a stage's outputs (the log) before a re-run, while checkpoints survive."""
     final = folder / f"step_{step:06d}"
     tmp = folder / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(fam.lora_state_dict(), str(tmp / "lora.safetensors"))
+    if log_csv is not None and log_csv.exists():
+        shutil.copy2(log_csv, tmp / "log.csv")
     tensors: dict[str, torch.Tensor] = {"generator": gen.get_state()}
     scalars: dict[str, Any] = {}
     for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
@@ -72,8 +75,9 @@ def save_checkpoint(folder: Path, step: int, fam: Family, opt: torch.optim.Optim
 
 
 def load_checkpoint(folder: Path, key: str, fam: Family, opt: torch.optim.Optimizer,
-                    gen: torch.Generator) -> int:
-    """Restore the newest checkpoint written for this exact configuration; returns its step (0 if none)."""
+                    gen: torch.Generator, log_csv: Path | None = None) -> int:
+    """Restore the newest checkpoint written for this exact configuration, and the log it carries to
+    ``log_csv``; returns its step (0 if none)."""
     for ckpt in sorted(folder.glob("step_*"), reverse=True):
         try:
             meta = json.loads((ckpt / "meta.json").read_text())
@@ -96,6 +100,9 @@ def load_checkpoint(folder: Path, key: str, fam: Family, opt: torch.optim.Optimi
                 opt_sd["state"][pid] = entry
         opt.load_state_dict(opt_sd)
         gen.set_state(state["generator"])
+        if log_csv is not None and (ckpt / "log.csv").exists():
+            log_csv.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt / "log.csv", log_csv)
         return int(meta["step"])
     return 0
 
@@ -115,7 +122,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(seed)
-    start = load_checkpoint(checkpoints, key, fam, opt, gen)
+    start = load_checkpoint(checkpoints, key, fam, opt, gen, log_csv)
     for _ in range(start):
         sched.step()
     _truncate_log(log_csv, start)
@@ -144,7 +151,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         if accelerator.is_main_process:
             write_csv_row(log_csv, row, LOG_COLUMNS)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(checkpoints, step + 1, fam, opt, gen, key)
+                save_checkpoint(checkpoints, step + 1, fam, opt, gen, key, log_csv=log_csv)
         accelerator.wait_for_everyone()
     fam.unet = accelerator.unwrap_model(fam.unet)
     return summarize_log(log_csv)

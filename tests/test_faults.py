@@ -147,3 +147,17 @@ def test_dvc_repro_killed_mid_render_then_repro_again(tiny_reference: Path, tmp_
     batches = journal_batches(images)
     assert len(batches) == len(set(batches)) == 6
     assert_clean(project)
+
+
+def test_resumed_training_restores_the_log_dvc_deleted(reference_copy):
+    """DVC removes a stage's outputs (the per-step log) before re-running it; checkpoints survive. The resumed
+    run must still end with the whole log, equal to an uninterrupted run's."""
+    cat = "violence"
+    log = reference_copy / f"metrics/train/{cat}.csv"
+    run_inline(reference_copy, "train", "--category", cat)  # leaves checkpoints (train.checkpoint_every 2 of 6)
+    full = log.read_text()
+    assert sorted((reference_copy / "checkpoints" / cat).glob("step_*")), "the tiny run should leave checkpoints"
+    log.unlink()
+    (reference_copy / f"models/experts/{cat}.safetensors").unlink()
+    run_inline(reference_copy, "train", "--category", cat)
+    assert log.read_text() == full
