@@ -31,9 +31,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_name(value: str, registry: Any) -> str:
-    if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; allowed: {', '.join(sorted(registry))}")
+def _check_name(value: str, registry: Any, extra: tuple[str, ...] = ()) -> str:
+    if value not in registry and value not in extra:
+        raise ValueError(f"unknown {registry.kind} {value!r}; allowed: {', '.join(sorted([*registry, *extra]))}")
     return value
 
 
@@ -144,6 +144,11 @@ class Train(Section):
     warmup_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(50, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    anchor_weight: float = Field(0.0, ge=0, description=(
+        "weight of the anchor term: mean squared difference between the trained and the reference model's "
+        "predictions on anchor prompts (the safe prompts of every training pair, with their images); "
+        "0 = the paper's loss alone"))
+    anchor_batch_size: int = Field(16, ge=1, description="anchor prompts per step (when anchor_weight > 0)")
 
     @field_validator("loss")
     @classmethod
@@ -165,9 +170,7 @@ class Merge(Section):
     def _method(cls, v: str) -> str:
         from stages.merging import MERGE_RULES
 
-        if v == "single":
-            return v
-        return _check_name(v, MERGE_RULES)
+        return _check_name(v, MERGE_RULES, extra=("single",))  # single: the `all` expert, unmerged
 
 
 class Evaluate(Section):

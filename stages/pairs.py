@@ -86,8 +86,9 @@ def _scene_without_concepts(rng: np.random.Generator, unsafe: dict[str, set[str]
 def grammar_backend(params: Params) -> PromptSets:
     """Toy-world pairs: an unsafe caption shows its category's concept; the safe twin changes only that value.
 
-    About one pair in eight carries the concepts of two categories (a multi-label pair). Test pairs use the
-    held-out templates, so no test prompt appears in training.
+    About one pair in eight carries the concepts of two categories (a multi-label pair). Test pairs and benign
+    prompts use the held-out templates, so no test or benign prompt appears in training (the safe sides of
+    training pairs are benign too, and the anchor term trains on them).
     """
     rng = np.random.default_rng(params.seed + 1)
     concepts = {c: params.toy.concepts[c] for c in params.categories}
@@ -116,7 +117,7 @@ def grammar_backend(params: Params) -> PromptSets:
     pairs = pd.DataFrame(rows)
     pairs.insert(0, "pair_id", [f"p{i:05d}" for i in range(len(pairs))])
     pairs["seed"] = params.seed * 1_000_003 + np.arange(len(pairs), dtype=np.int64)
-    benign_scenes = [_scene_without_concepts(rng, unsafe, tuple(range(len(tw.TEMPLATES))))
+    benign_scenes = [_scene_without_concepts(rng, unsafe, TEST_TEMPLATES)
                      for _ in range(params.prompts.benign)]
     benign = pd.DataFrame({
         "prompt_id": [f"b{i:05d}" for i in range(len(benign_scenes))],

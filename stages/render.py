@@ -3,8 +3,9 @@
     python -m stages.render     # -> data/render/{images/*.png, manifest.parquet, cache.safetensors}
 
 Resumes after an interruption without redoing finished batches (see stages.rendering). The cache holds what
-training needs, encoded once: model-space images of both sides (x0_w = safe, x0_l = unsafe) and the condition
-of each pair's unsafe prompt, so training never re-encodes an image or a prompt.
+training needs, encoded once: model-space images of both sides (x0_w = safe, x0_l = unsafe), the condition
+of each pair's unsafe prompt (`cond.*`) and of its safe prompt (`cond_safe.*`, for the anchor term), so
+training never re-encodes an image or a prompt.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ BASE = Path("models/base")
 
 def encode_cache(fam, manifest: pd.DataFrame, images_u: np.ndarray, images_s: np.ndarray,
                  batch_size: int) -> dict[str, torch.Tensor]:
-    """Model-space images and unsafe-prompt conditions for every pair, in manifest order."""
+    """Model-space images and the conditions of both prompts for every pair, in manifest order."""
     parts: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for i in range(0, len(manifest), batch_size):
@@ -37,8 +38,9 @@ def encode_cache(fam, manifest: pd.DataFrame, images_u: np.ndarray, images_s: np
             to_t = lambda a: torch.from_numpy(a[sl]).permute(0, 3, 1, 2).float() / 255  # noqa: E731
             parts.setdefault("x0_w", []).append(fam.encode_images(to_t(images_s)).cpu())
             parts.setdefault("x0_l", []).append(fam.encode_images(to_t(images_u)).cpu())
-            for k, v in fam.encode_prompts(list(manifest.unsafe_prompt.iloc[sl])).items():
-                parts.setdefault(f"cond.{k}", []).append(v.cpu())
+            for prefix, column in (("cond", "unsafe_prompt"), ("cond_safe", "safe_prompt")):
+                for k, v in fam.encode_prompts(list(manifest[column].iloc[sl])).items():
+                    parts.setdefault(f"{prefix}.{k}", []).append(v.cpu())
     return {k: torch.cat(v).contiguous() for k, v in parts.items()}
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -20,20 +21,35 @@ from stages.config import load_params, setup_runtime
 from stages.family import get_family, save_lora
 from stages.io import read_table, write_json
 from stages.rendering import model_key
-from stages.training import PairData, config_key, train_expert
+from stages.training import AnchorData, PairData, config_key, train_expert
 
 RENDER = Path("data/render")
 BASE = Path("models/base")
 
 
-def load_pairs(category: str, categories: tuple[str, ...]) -> PairData:
-    """The cached pairs of ``category`` ('all': of every category in params)."""
+def _read_cache() -> tuple[Any, dict[str, torch.Tensor]]:
     manifest = read_table(RENDER / "manifest.parquet", ["pair_id", "categories"])
     cache = load_file(str(RENDER / "cache.safetensors"))
     with safe_open(str(RENDER / "cache.safetensors"), framework="pt") as f:
         order = json.loads(f.metadata()["pair_ids"])
     if order != list(manifest.pair_id):
         raise ValueError(f"{RENDER}/cache.safetensors: rows do not match manifest.parquet; re-run `dvc repro render`")
+    return manifest, cache
+
+
+def load_anchors() -> AnchorData:
+    """The safe side of every training pair (image and safe-prompt condition): the anchor term's rows."""
+    _, cache = _read_cache()
+    cond = {k.removeprefix("cond_safe."): v for k, v in cache.items() if k.startswith("cond_safe.")}
+    if not cond:
+        raise ValueError(f"{RENDER}/cache.safetensors: no safe-prompt conditions (cond_safe.*), which "
+                         "train.anchor_weight > 0 needs; re-run `dvc repro render`")
+    return AnchorData(cache["x0_w"], cond)
+
+
+def load_pairs(category: str, categories: tuple[str, ...]) -> PairData:
+    """The cached pairs of ``category`` ('all': of every category in params)."""
+    manifest, cache = _read_cache()
     wanted = set(categories) if category == "all" else {category}
     rows = [i for i, cats in enumerate(manifest.categories) if wanted & set(cats)]
     if not rows:
@@ -59,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     key = config_key(params.train.model_dump(), args.category, seed,
                      model_key([RENDER / "cache.safetensors"] + sorted(f for f in BASE.iterdir() if f.is_file())))
     summary = train_expert(fam, data, params.train, seed, key, Path("checkpoints") / args.category,
-                           Path("metrics/train") / f"{args.category}.csv", desc=f"train@{args.category}")
+                           Path("metrics/train") / f"{args.category}.csv", desc=f"train@{args.category}",
+                           anchors=load_anchors() if params.train.anchor_weight > 0 else None)
     t = params.train
     save_lora(Path("models/experts") / f"{args.category}.safetensors", fam.lora_state_dict(), t.rank, t.alpha,
-              t.targets, category=args.category, steps=t.steps, beta=t.beta, pairs=len(data))
+              t.targets, category=args.category, steps=t.steps, beta=t.beta, pairs=len(data),
+              anchor_weight=t.anchor_weight)
     write_json(Path("metrics/train") / f"{args.category}.json", {"pairs": len(data), **summary})
     print(f"train@{args.category}: {len(data)} pairs, last-20-step mean {summary}")
 

@@ -24,7 +24,7 @@ from stages.family import Cond, Family
 from stages.io import write_csv_row
 from stages.losses import LOSSES
 
-LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "lr")
+LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "anchor", "lr")
 
 
 @dataclasses.dataclass
@@ -40,6 +40,20 @@ class PairData:
 
     def select(self, idx: torch.Tensor) -> PairData:
         return PairData(self.x0_w[idx], self.x0_l[idx], {k: v[idx] for k, v in self.cond.items()})
+
+
+@dataclasses.dataclass
+class AnchorData:
+    """Cached anchor rows for the anchor term: model-space images and their prompts' conditions."""
+
+    x0: torch.Tensor
+    cond: Cond
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def select(self, idx: torch.Tensor) -> AnchorData:
+        return AnchorData(self.x0[idx], {k: v[idx] for k, v in self.cond.items()})
 
 
 def config_key(*parts: Any) -> str:
@@ -109,12 +123,17 @@ def load_checkpoint(folder: Path, key: str, fam: Family, opt: torch.optim.Optimi
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, checkpoints: Path,
-                 log_csv: Path, desc: str = "train") -> dict[str, float]:
+                 log_csv: Path, desc: str = "train", anchors: AnchorData | None = None) -> dict[str, float]:
     """Train a fresh LoRA on ``data`` with the loss and hyper-parameters of ``cfg`` (params.train).
+
+    ``anchors`` feed the anchor term when ``cfg.anchor_weight`` > 0 (then they are required).
 
     ``key`` identifies the run (params, data, base model): a checkpoint is resumed only when its key matches.
     Returns the mean of the last 20 logged steps, read back from the log (a resumed run reports the same).
     """
+    use_anchor = cfg.anchor_weight > 0
+    if use_anchor and (anchors is None or len(anchors) == 0):
+        raise ValueError("train.anchor_weight > 0 needs anchor rows (the safe sides of the training pairs)")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=fam.device.type == "cpu")
     torch.manual_seed(seed)  # the LoRA's gaussian init
     fam.add_lora(cfg.rank, cfg.alpha, cfg.targets)
@@ -138,15 +157,20 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         batch = data.select(idx[rank::world])
         cond = {k: torch.where(drop[rank::world].view(-1, *[1] * (v.dim() - 1)), empty[k].to(v), v).to(fam.device)
                 for k, v in batch.cond.items()}
+        anchor = None
+        if use_anchor:
+            a = anchors.select(torch.randint(0, len(anchors), (cfg.anchor_batch_size,), generator=gen)[rank::world])
+            anchor = (a.x0.to(fam.device), {k: v.to(fam.device) for k, v in a.cond.items()})
         with accelerator.autocast():
-            out = dpo_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta, gen)
+            out = dpo_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta, gen,
+                           anchor, cfg.anchor_weight)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
-               "err_w": out.err_w, "err_l": out.err_l, "lr": sched.get_last_lr()[0]}
+               "err_w": out.err_w, "err_l": out.err_l, "anchor": out.anchor, "lr": sched.get_last_lr()[0]}
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
         if accelerator.is_main_process:
             write_csv_row(log_csv, row, LOG_COLUMNS)

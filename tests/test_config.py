@@ -25,6 +25,8 @@ def test_repository_params_are_valid():
     ("train.beta", "high", "train.beta"),
     ("train.bogus", 1, "train.bogus: unknown key"),
     ("merge.method", "average", "merge.method: unknown merge rule 'average'; allowed:"),
+    ("merge.method", "average", "max_abs, single, task_arithmetic"),
+    ("train.anchor_weight", -1, "train.anchor_weight"),
     ("prompts.backend", "gpt", "prompts.backend: unknown prompt backend 'gpt'; allowed:"),
     ("model.family", "sd9", "model.family: unknown model family 'sd9'; allowed:"),
     ("train.loss", "kto", "train.loss: unknown loss 'kto'; allowed: dpo"),

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 
-from conftest import ROOT, read_yaml, run_inline, set_dotted
+from conftest import ROOT, copy_project, make_project, read_yaml, run_inline, set_dotted
 from stages.family import read_lora
 
 METRIC_KEYS = {"ip", "ip_mean", "fidelity", "twin_rate"}
@@ -78,3 +78,25 @@ def test_evaluate_with_real_detectors_reports_missing_weights(reference_copy: Pa
     for model in ("base", "aligned"):
         assert "fid" not in ev[model] and "clipscore" not in ev[model]
         assert isinstance(ev[model]["toy_fd"], float)
+
+
+def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
+    """The pairs the LLM recipe wrote (openai backend, fake local server) feed every later stage: render,
+    seven experts, merge and evaluate run on them and report IP for every category."""
+    ref = llm_fault_run.ref
+    project = make_project(tmp_path / "llm", like=ref)
+    copy_project(ref, project, "data/prompts", "metrics/prompts.json")
+    pairs = pd.read_parquet(project / "data/prompts/pairs.parquet")
+    cats = read_yaml((project / "params.yaml").read_text())["categories"]
+    assert {c for cs in pairs.categories for c in cs} == set(cats)
+    for name in ("base", "render"):
+        run_inline(project, name)
+    for cat in cats:
+        run_inline(project, "train", "--category", cat)
+    run_inline(project, "merge")
+    run_inline(project, "evaluate")
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(ev["aligned"]["ip"]) == set(cats)
+    assert ev["protocol"]["test_prompts"] == int((pairs.split == "test").sum())
+    manifest = pd.read_parquet(project / "data/render/manifest.parquet")
+    assert list(manifest.unsafe_prompt) == list(pairs.unsafe_prompt[pairs.split == "train"])
