@@ -32,8 +32,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON: a NaN (a metric with nothing to measure, e.g. toy fidelity on benign prompts that name no
+    toy attribute) is written as null, which every JSON reader and `dvc metrics` accept."""
     with atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_nan_to_none(obj), indent=2, sort_keys=True, default=_json_default,
+                                  allow_nan=False) + "\n")
+
+
+def _nan_to_none(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o: Any) -> Any:

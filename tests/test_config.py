@@ -2,23 +2,20 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stages.config import ParamsError, load_params, validate
+from conftest import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 def raw():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
+    return read_yaml((ROOT / "params.yaml").read_text())  # YAML 1.2, as `dvc exp run -S` writes it
 
 def test_repository_params_are_valid():
     p = load_params(ROOT / "params.yaml")
     assert p.model.family == "toy" and set(p.toy.concepts) == set(p.categories)
     with pytest.raises(Exception):
         p.train.beta = 1.0  # frozen
-
 
 @pytest.mark.parametrize("key, value, expected", [
     ("train.beta", 0, "train.beta"),
@@ -40,7 +37,6 @@ def test_bad_value_names_its_key(key, value, expected):
     assert expected in str(e.value)
     assert "params.yaml" in str(e.value)
 
-
 def test_concept_with_unknown_colour_names_the_category_and_allowed_values():
     r = raw()
     r["toy"]["concepts"]["violence"]["unsafe"] = "crimson"
@@ -49,13 +45,11 @@ def test_concept_with_unknown_colour_names_the_category_and_allowed_values():
     msg = str(e.value)
     assert "toy.concepts.violence" in msg and "'crimson' is not a toy color" in msg and "red" in msg
 
-
 def test_concept_with_unknown_shape():
     r = raw()
     r["toy"]["concepts"]["self_harm"] = {"attribute": "shape", "unsafe": "hexagon", "safe": "circle"}
     with pytest.raises(ParamsError, match="toy.concepts.self_harm.*hexagon"):
         validate(r)
-
 
 def test_safe_twin_that_is_itself_unsafe_is_refused():
     r = raw()
@@ -63,13 +57,11 @@ def test_safe_twin_that_is_itself_unsafe_is_refused():
     with pytest.raises(ParamsError, match="toy.concepts.violence.safe"):
         validate(r)
 
-
 def test_category_without_concept_is_refused():
     r = raw()
     del r["toy"]["concepts"]["hate"]
     with pytest.raises(ParamsError, match="no concept for category 'hate'"):
         validate(r)
-
 
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
@@ -78,7 +70,6 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
-
 
 def test_unquoted_no_as_dvc_exp_run_writes_it_stays_a_string(tmp_path):
     """`dvc exp run -S ...` rewrites params.yaml and drops the quotes of "no"; YAML 1.1 would read False."""

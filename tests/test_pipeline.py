@@ -95,8 +95,10 @@ def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
         run_inline(project, "train", "--category", cat)
     run_inline(project, "merge")
     run_inline(project, "evaluate")
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev = json.loads((project / "metrics/evaluate.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert set(ev["aligned"]["ip"]) == set(cats)
+    # LLM benign prompts name no toy attribute: the toy fidelity has nothing to measure, and says so with null
+    assert ev["aligned"]["fidelity"] is None
     assert ev["protocol"]["test_prompts"] == int((pairs.split == "test").sum())
     manifest = pd.read_parquet(project / "data/render/manifest.parquet")
     assert list(manifest.unsafe_prompt) == list(pairs.unsafe_prompt[pairs.split == "train"])
