@@ -21,17 +21,19 @@ from stages.config import Params, load_params, setup_runtime
 from stages.family import Family, get_family, read_lora, save_lora
 from stages.io import atomic_path, write_json
 from stages.merging import MergeOptions, merge_state_dicts
-from stages.train import BASE, load_pairs
+from stages.train import BASE, load_pairs, read_cache
 
 EXPERTS = Path("models/experts")
 OUT = Path("models/merged")
 
 
 @torch.no_grad()
-def input_stats(fam: Family, expert: Path, category: str, params: Params) -> dict[str, torch.Tensor]:
-    """Mean |x_k| of the input of every adapted layer while ``expert`` is attached, keyed `unet.<module>`."""
+def input_stats(fam: Family, expert: Path, category: str, params: Params,
+                cached: tuple | None = None) -> dict[str, torch.Tensor]:
+    """Mean |x_k| of the input of every adapted layer while ``expert`` is attached, keyed `unet.<module>`.
+    ``cached``: the render cache from ``read_cache()``, read once for all experts."""
     fam.load_lora(expert, name="calib")
-    data = load_pairs(category if params.merge.calibration == "own" else "all", params.categories)
+    data = load_pairs(category if params.merge.calibration == "own" else "all", params.categories, cached)
     k = min(len(data), params.prompts.calibration_per_category)
     gen = torch.Generator().manual_seed(params.seed)
     batch = data.select(torch.randperm(len(data), generator=gen)[:k])
@@ -69,7 +71,8 @@ def main(params_path: str = "params.yaml") -> None:
     stats = None
     if m.method == "co_merge":
         fam = get_family(params.model.family).from_params(params, BASE, device)
-        stats = [input_stats(fam, EXPERTS / f"{c}.safetensors", c, params) for c in experts]
+        cached = read_cache()
+        stats = [input_stats(fam, EXPERTS / f"{c}.safetensors", c, params, cached) for c in experts]
     rule = "linear" if m.method == "single" else m.method  # one expert: every rule gives it back
     merged, deltas, errors = merge_state_dicts(
         [s for s, _ in loaded], alpha, rank, rule, MergeOptions(density=m.density, scale=m.scale, seed=params.seed),

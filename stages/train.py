@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stages.config import load_params, setup_runtime
-from stages.family import get_family, save_lora
+from stages.family import cond_index, get_family, save_lora
 from stages.io import read_table, write_json
 from stages.rendering import model_key
 from stages.training import AnchorData, PairData, config_key, train_expert
@@ -27,7 +27,8 @@ RENDER = Path("data/render")
 BASE = Path("models/base")
 
 
-def _read_cache() -> tuple[Any, dict[str, torch.Tensor]]:
+def read_cache() -> tuple[Any, dict[str, torch.Tensor]]:
+    """The render manifest and cache, checked to list the same pairs in the same order (read once per stage)."""
     manifest = read_table(RENDER / "manifest.parquet", ["pair_id", "categories"])
     cache = load_file(str(RENDER / "cache.safetensors"))
     with safe_open(str(RENDER / "cache.safetensors"), framework="pt") as f:
@@ -37,9 +38,10 @@ def _read_cache() -> tuple[Any, dict[str, torch.Tensor]]:
     return manifest, cache
 
 
-def load_anchors() -> AnchorData:
-    """The safe side of every training pair (image and safe-prompt condition): the anchor term's rows."""
-    _, cache = _read_cache()
+def load_anchors(cached: tuple[Any, dict[str, torch.Tensor]] | None = None) -> AnchorData:
+    """The safe side of every training pair (image and safe-prompt condition): the anchor term's rows.
+    ``cached``: what ``read_cache()`` returned, if the caller has it already."""
+    _, cache = cached or read_cache()
     cond = {k.removeprefix("cond_safe."): v for k, v in cache.items() if k.startswith("cond_safe.")}
     if not cond:
         raise ValueError(f"{RENDER}/cache.safetensors: no safe-prompt conditions (cond_safe.*), which "
@@ -47,16 +49,17 @@ def load_anchors() -> AnchorData:
     return AnchorData(cache["x0_w"], cond)
 
 
-def load_pairs(category: str, categories: tuple[str, ...]) -> PairData:
-    """The cached pairs of ``category`` ('all': of every category in params)."""
-    manifest, cache = _read_cache()
+def load_pairs(category: str, categories: tuple[str, ...],
+               cached: tuple[Any, dict[str, torch.Tensor]] | None = None) -> PairData:
+    """The cached pairs of ``category`` ('all': of every category in params); ``cached`` as in load_anchors."""
+    manifest, cache = cached or read_cache()
     wanted = set(categories) if category == "all" else {category}
     rows = [i for i, cats in enumerate(manifest.categories) if wanted & set(cats)]
     if not rows:
         raise ValueError(f"category {category!r} has no training pairs in {RENDER}/manifest.parquet")
     idx = torch.tensor(rows)
-    cond = {k.removeprefix("cond."): v[idx] for k, v in cache.items() if k.startswith("cond.")}
-    return PairData(cache["x0_w"][idx], cache["x0_l"][idx], cond)
+    cond = {k.removeprefix("cond."): v for k, v in cache.items() if k.startswith("cond.")}
+    return PairData(cache["x0_w"][idx], cache["x0_l"][idx], cond_index(cond, idx))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.category != "all" and args.category not in params.categories:
         ap.error(f"--category {args.category!r}: not in params.yaml categories {list(params.categories)} nor 'all'")
     device = setup_runtime(params)
-    data = load_pairs(args.category, params.categories)
+    cached = read_cache()
+    data = load_pairs(args.category, params.categories, cached)
     fam = get_family(params.model.family).from_params(params, BASE, device)
     seed = params.seed * 1000 + (params.categories.index(args.category) + 1 if args.category != "all" else 0)
     key = config_key(params.train.model_dump(), args.category, seed,
                      model_key([RENDER / "cache.safetensors"] + sorted(f for f in BASE.iterdir() if f.is_file())))
     summary = train_expert(fam, data, params.train, seed, key, Path("checkpoints") / args.category,
                            Path("metrics/train") / f"{args.category}.csv", desc=f"train@{args.category}",
-                           anchors=load_anchors() if params.train.anchor_weight > 0 else None)
+                           anchors=load_anchors(cached) if params.train.anchor_weight > 0 else None)
     t = params.train
     save_lora(Path("models/experts") / f"{args.category}.safetensors", fam.lora_state_dict(), t.rank, t.alpha,
               t.targets, category=args.category, steps=t.steps, beta=t.beta, pairs=len(data),

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stages.dpo import dpo_step
-from stages.family import Cond, Family
+from stages.family import Cond, Family, cond_index
 from stages.io import write_csv_row
 from stages.losses import LOSSES
 
@@ -39,7 +39,7 @@ class PairData:
         return self.x0_w.shape[0]
 
     def select(self, idx: torch.Tensor) -> PairData:
-        return PairData(self.x0_w[idx], self.x0_l[idx], {k: v[idx] for k, v in self.cond.items()})
+        return PairData(self.x0_w[idx], self.x0_l[idx], cond_index(self.cond, idx))
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class AnchorData:
         return self.x0.shape[0]
 
     def select(self, idx: torch.Tensor) -> AnchorData:
-        return AnchorData(self.x0[idx], {k: v[idx] for k, v in self.cond.items()})
+        return AnchorData(self.x0[idx], cond_index(self.cond, idx))
 
 
 def config_key(*parts: Any) -> str:
