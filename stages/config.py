@@ -149,6 +149,9 @@ class Train(Section):
         "predictions on anchor prompts (the safe prompts of every training pair, with their images); "
         "0 = the paper's loss alone"))
     anchor_batch_size: int = Field(16, ge=1, description="anchor prompts per step (when anchor_weight > 0)")
+    sft_weight: float = Field(0.0, ge=0, description=(
+        "weight of a supervised term on the preferred image (its denoising error under the condition prompt, "
+        "as in RPO); 0 = the paper's loss. Stops DPO from overshooting past the safe twin into a third concept"))
 
     @field_validator("loss")
     @classmethod
@@ -162,7 +165,7 @@ class Merge(Section):
     method: str = "co_merge"
     rank: int = Field(32, ge=1, description="rank of the SVD re-factoring of the merged delta")
     density: float = Field(0.5, gt=0, le=1, description="share of weights kept (ties, dare)")
-    scale: float = Field(1.0, gt=0, description="lambda of task arithmetic, ties and dare")
+    scale: float = Field(1.0, gt=0, description="lambda: multiplies the merged delta of every rule but linear (1 = the rule as published)")
     calibration: Literal["own", "all"] = Field("own", description="co_merge: calibration prompts per expert")
 
     @field_validator("method")

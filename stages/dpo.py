@@ -8,6 +8,11 @@ Optional anchor term (our addition, ``train.anchor_weight``; 0 = the paper's los
 prompts (safe prompts with their images) the trained model's prediction is pulled toward the reference's.
 The DPO loss only constrains the pairs' own prompts; without an anchor, an expert that learns "red -> blue"
 also turns purple prompts blue (measured on the toy world). The anchor rows ride in the same forward pass.
+
+Optional supervised term (``train.sft_weight``; 0 = the paper's loss): w · mean err_w, the trained model's
+denoising error on the preferred image under the condition prompt (as RPO adds the chosen answer's NLL to DPO).
+DPO alone only asks the preferred image to become likelier *relative to* the rejected one; on the toy world it
+walked past the safe twin (yellow -> red, another unsafe colour, instead of orange). The term costs no extra pass.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def anchor_loss(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
 
 def dpo_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, loss_fn: LossFn, beta: float,
              generator: torch.Generator, anchor: tuple[torch.Tensor, Cond] | None = None,
-             anchor_weight: float = 0.0) -> StepOutput:
+             anchor_weight: float = 0.0, sft_weight: float = 0.0) -> StepOutput:
     """x0_w, x0_l: (B, C, h, w) in model space; cond: the condition of each pair (B rows).
 
     ``anchor``: (x0, cond) of A anchor rows, each with its own timestep and noise, used when anchor_weight > 0.
@@ -67,6 +72,8 @@ def dpo_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, lo
     ref_w, ref_l = per_sample_error(ref[: 2 * b], target).chunk(2)
     losses, reward_w, reward_l = loss_fn(err_w, err_l, ref_w, ref_l, beta)
     loss = losses.mean()
+    if sft_weight > 0:
+        loss = loss + sft_weight * err_w.mean()
     a_loss = anchor_loss(pred[2 * b:], ref[2 * b:]) if use_anchor else None
     if a_loss is not None:
         loss = loss + anchor_weight * a_loss

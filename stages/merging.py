@@ -11,7 +11,7 @@ A rule is ``rule(deltas, *, options=MergeOptions(), stats=None) -> Tensor``:
   expert was attached (only ``co_merge`` reads them).
 Rules only read their inputs and, for randomness, use a ``torch.Generator`` seeded from ``options.seed``.
 
-Conventions (scale λ, density d):
+Conventions (scale λ, density d): λ multiplies the merged delta of every rule but ``linear``.
 - ``task_arithmetic``, ``ties`` and ``dare`` SUM the (sparsified) deltas and multiply by λ, as mergekit does with
   ``normalize: false``. TIES as published (and peft's ``disjoint_merge``) takes the MEAN of the agreeing entries
   instead; the sum is chosen here so that TIES at d = 1 with agreeing signs equals task arithmetic exactly and
@@ -36,7 +36,7 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # stages.family's key conve
 @dataclasses.dataclass(frozen=True)
 class MergeOptions:
     """Whole-merge options. ``density``: share of entries kept by ties/dare, in (0, 1]. ``scale``: λ of task
-    arithmetic, ties and dare. ``seed``: seed of dare's drop mask."""
+    arithmetic, ties, dare, max_abs and co_merge. ``seed``: seed of dare's drop mask."""
 
     density: float = 0.5
     scale: float = 1.0
@@ -147,10 +147,10 @@ def max_abs(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_O
     """Largest magnitude wins (a baseline; Co-Merge without input statistics).
 
     n × (out, in) -> (out, in): per element (o, k), Δ_i[o, k] of the expert i with the largest |Δ_i[o, k]|;
-    ties go to the lowest expert index.
+    ties go to the lowest expert index; times λ = options.scale.
     """
     stack = _stack(deltas, "max_abs")
-    return _winner_takes_all(stack, stack.abs())
+    return options.scale * _winner_takes_all(stack, stack.abs())
 
 
 def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_OPTIONS,
@@ -159,7 +159,8 @@ def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_
 
     deltas: n × (out, in); stats: n × (in,), stats[i][k] = E|x_k| of the layer's input collected while expert i
     was attached. Activation a_i[o, k] = |Δ_i[o, k]| · stats[i][k]; mask M_i = (i == argmax_j a_j) per element,
-    ties to the lowest expert index; merged = Σ_i M_i ⊙ Δ_i, (out, in).
+    ties to the lowest expert index; merged = λ · Σ_i M_i ⊙ Δ_i, (out, in), λ = options.scale (1 = the rule as
+    read; the argmax does not depend on λ, so λ < 1 is the same as merging experts trained to a smaller strength).
     Note: a statistic shared by all experts (e.g. collected on the base model) cancels in the argmax, and the
     rule gives ``max_abs`` (exactly so where that statistic is positive).
     """
@@ -173,7 +174,7 @@ def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_
         raise ValueError(f"co_merge: stats have shape {tuple(s.shape[1:])}; each must be (in,) = ({stack.shape[2]},)")
     if not torch.isfinite(s).all() or (s < 0).any():
         raise ValueError("co_merge: stats must be finite and non-negative (mean |x|)")
-    return _winner_takes_all(stack, stack.abs() * s[:, None, :])
+    return options.scale * _winner_takes_all(stack, stack.abs() * s[:, None, :])
 
 
 MERGE_RULES: Registry[MergeRule] = Registry("merge rule")

@@ -163,7 +163,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
             anchor = (a.x0.to(fam.device), {k: v.to(fam.device) for k, v in a.cond.items()})
         with accelerator.autocast():
             out = dpo_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta, gen,
-                           anchor, cfg.anchor_weight)
+                           anchor, cfg.anchor_weight, cfg.sft_weight)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(params, 1.0)

@@ -1,5 +1,9 @@
-"""The anchor term of train.anchor_weight: zero at the reference, off means the paper's loss exactly, and its
-gradient pulls a drifted model back toward the reference on prompts it was never given."""
+"""The two terms added to Diffusion-DPO.
+
+Anchor (train.anchor_weight): zero at the reference, off means the paper's loss exactly, and its gradient pulls a
+drifted model back toward the reference on prompts it was never given.
+Supervised term (train.sft_weight): off means the paper's loss exactly; on, it adds w * err_w, and its gradient
+lowers the preferred image's denoising error."""
 import numpy as np
 import pytest
 import torch
@@ -101,3 +105,45 @@ def test_anchor_gradient_pulls_the_model_back_toward_the_reference(fam: ToyFamil
     pulled, still = run(1.0), run(0.0)
     assert pulled < 0.5 * start, (start, pulled)
     assert still == pytest.approx(start, rel=1e-6), (start, still)
+
+
+# ---------------------------------------------------------------------- supervised term
+def test_weight_zero_is_the_papers_loss_and_on_adds_w_times_err_w(fam: ToyFamily) -> None:
+    x_w, x_l = images(fam, ["orange"] * 4, 0), images(fam, ["yellow"] * 4, 0)
+    with torch.no_grad():
+        cond = fam.encode_prompts(["a large yellow circle on a black background"] * 4)
+    step = lambda w: dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),  # noqa: E731
+                              sft_weight=w)
+    plain, off, on = dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0)), step(0.0), step(3.0)
+    assert off.loss.item() == plain.loss.item()
+    assert on.loss.item() == pytest.approx(plain.loss.item() + 3.0 * plain.err_w, rel=1e-5)
+    assert on.margin == pytest.approx(plain.margin, abs=1e-7)
+
+
+def test_sft_gradient_lowers_the_preferred_error(fam: ToyFamily) -> None:
+    """With preferred == rejected the DPO part has no gradient: only the supervised term moves the model, and it
+    lowers the error on the preferred image (weight 0: nothing moves)."""
+    x = images(fam, ["orange"] * 4, 0)
+    with torch.no_grad():
+        cond = fam.encode_prompts(["a large yellow circle on a black background"] * 4)
+    state = {k: v.clone() for k, v in fam.lora_state_dict().items()}
+
+    def run(weight: float) -> tuple[float, float]:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(fam.raw_unet, {k.removeprefix("unet."): v.clone() for k, v in state.items()})
+        opt = torch.optim.SGD(fam.lora_parameters(), lr=5.0)
+        errs = []
+        for _ in range(30):
+            out = dpo_step(fam, x, x, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
+                           sft_weight=weight)
+            errs.append(out.err_w)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        return errs[0], errs[-1]
+
+    start, end = run(1.0)
+    assert end < 0.93 * start, (start, end)
+    start0, end0 = run(0.0)
+    assert end0 == pytest.approx(start0, rel=1e-6)

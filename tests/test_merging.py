@@ -61,10 +61,16 @@ def test_one_expert_gives_itself_back(name: str) -> None:
     assert torch.equal(merge(name, [d], UNIT), d)
 
 
-@pytest.mark.parametrize("name", ["linear", "max_abs", "co_merge"])
-def test_options_do_not_matter_for_unscaled_rules(name: str) -> None:
+def test_options_do_not_matter_for_linear() -> None:
     (d,) = experts(1)
-    assert torch.equal(merge(name, [d], MergeOptions(density=0.3, scale=2.0, seed=7)), d)
+    assert torch.equal(merge("linear", [d], MergeOptions(density=0.3, scale=2.0, seed=7)), d)
+
+
+@pytest.mark.parametrize("name", ["max_abs", "co_merge"])
+def test_winner_takes_all_rules_scale_by_lambda_and_ignore_density(name: str) -> None:
+    deltas = experts(3)
+    plain = merge(name, deltas, MergeOptions(density=1.0, scale=1.0))
+    assert_close(merge(name, deltas, MergeOptions(density=0.3, scale=0.6, seed=7)), 0.6 * plain)
 
 
 @pytest.mark.parametrize("name", RULES)
