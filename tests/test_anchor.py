@@ -112,9 +112,11 @@ def test_weight_zero_is_the_papers_loss_and_on_adds_w_times_err_w(fam: ToyFamily
     x_w, x_l = images(fam, ["orange"] * 4, 0), images(fam, ["yellow"] * 4, 0)
     with torch.no_grad():
         cond = fam.encode_prompts(["a large yellow circle on a black background"] * 4)
-    step = lambda w: dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),  # noqa: E731
-                              sft_weight=w)
-    plain, off, on = dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0)), step(0.0), step(3.0)
+
+    def step(**weight: float):
+        return dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0), **weight)
+
+    plain, off, on = step(), step(sft_weight=0.0), step(sft_weight=3.0)
     assert off.loss.item() == plain.loss.item()
     assert on.loss.item() == pytest.approx(plain.loss.item() + 3.0 * plain.err_w, rel=1e-5)
     assert on.margin == pytest.approx(plain.margin, abs=1e-7)
