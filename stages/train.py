@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                            anchors=load_anchors(cached) if params.train.anchor_weight > 0 else None)
     t = params.train
     save_lora(Path("models/experts") / f"{args.category}.safetensors", fam.lora_state_dict(), t.rank, t.alpha,
-              t.targets, category=args.category, steps=t.steps, beta=t.beta, pairs=len(data),
-              anchor_weight=t.anchor_weight)
+              t.targets, category=args.category, pairs=len(data), train=json.dumps(t.model_dump(), sort_keys=True))
     write_json(Path("metrics/train") / f"{args.category}.json", {"pairs": len(data), **summary})
     print(f"train@{args.category}: {len(data)} pairs, last-20-step mean {summary}")
 
