@@ -14,13 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import load_params, setup_runtime
-from stages.family_toy import ToyFamily, base_metrics, pretrain
+from safealign.core.params import load_params
+from safealign.core.runtime import setup_runtime
+from safealign.families.toy import ToyFamily
+from safealign.toyworld.pretrain import base_metrics, pretrain
+from safealign.toyworld.settings import toy_settings
 
 
 def run(params, prediction_type: str, steps: int, device: str) -> dict:
-    m, b = params.toy.model, params.base
-    fam = ToyFamily.build(image_size=params.toy.image_size, patch=m.patch, widths=m.widths, attention=m.attention,
+    toy, b = toy_settings(params), params.base
+    m = toy.model
+    fam = ToyFamily.build(image_size=toy.image_size, patch=m.patch, widths=m.widths, attention=m.attention,
                           text_dim=m.text_dim, layers_per_block=m.layers_per_block, seed=params.seed, device=device,
                           prediction_type=prediction_type)
     t0 = time.perf_counter()

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch  # noqa: E402  (common puts the repository root on sys.path first)
 from common import DTYPES, PeakMemory, parser, run_variants, seconds_per_call, summary
 
-import torch  # noqa: E402  (common puts the repository root on sys.path first)
-from stages.family import get_family  # noqa: E402
+from safealign.families import get_family  # noqa: E402
 
 
 def setup(args: argparse.Namespace) -> tuple[Any, PeakMemory, list[str], list[int]]:

@@ -8,9 +8,9 @@ Both variants build the family's UNet, VAE and text encoder(s) from the publishe
 shrunk ones (``--size tiny``) with random weights (no download), attach the same LoRA (rank 4 on to_q/to_k/to_v/
 to_out.0, fp32) and run the same loss, AdamW and batch of preference pairs (random pixels, one prompt per pair):
 
-- ours (``stages.dpo.dpo_step``): latents and text embeddings encoded once and cached (as the render stage
-  caches them); preferred and rejected in one batched forward; the reference is the same UNet with its adapters
-  disabled, under no_grad.
+- ours (``safealign.training.step.preference_step``): latents and text embeddings encoded once and cached (as the
+  render stage caches them); preferred and rejected in one batched forward; the reference is the same UNet with
+  its adapters disabled, under no_grad.
 - reference (Diffusion-DPO's train.py, as SafetyDPO's train.py runs it): every step VAE-encodes both images
   (posterior sample) and runs the text encoder(s); the preferred and rejected images go through the trained UNet
   in one forward, and through a second, full copy of the UNet for the reference.
@@ -25,12 +25,15 @@ import copy
 import json
 from typing import Any
 
+import torch  # noqa: E402  (common puts the repository root on sys.path first)
 from common import DTYPES, PeakMemory, autocast, parser, run_variants, seconds_per_call, summary
 
-import torch  # noqa: E402  (common puts the repository root on sys.path first)
-from stages.dpo import dpo_step, per_sample_error  # noqa: E402
-from stages.family import Cond, cond_cat, get_family  # noqa: E402
-from stages.losses import LOSSES  # noqa: E402
+from safealign.families import get_family  # noqa: E402
+from safealign.families.base import Cond, cond_cat  # noqa: E402
+from safealign.training import LOSSES  # noqa: E402
+from safealign.training.losses import PreferenceBatch  # noqa: E402
+from safealign.training.step import preference_step  # noqa: E402
+from safealign.training.terms import per_sample_error  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BETA = 5000.0
@@ -86,7 +89,7 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
 
     def step() -> None:
         with autocast(args):
-            out = dpo_step(fam, x0_w, x0_l, cond, LOSSES.get("dpo"), BETA, gen)
+            out = preference_step(fam, x0_w, x0_l, cond, LOSSES.get("dpo"), BETA, gen)
         optimizer_step(fam, opt, out.loss, scaler)
 
     return measure(args, fam, meter, step)
@@ -117,7 +120,7 @@ def reference(args: argparse.Namespace) -> dict[str, Any]:
             err_w, err_l = per_sample_error(unet_forward(fam.unet, noisy, t, cond2), target).chunk(2)
             with torch.no_grad():
                 ref_w, ref_l = per_sample_error(unet_forward(ref_unet, noisy, t, cond2), target).chunk(2)
-            losses, _, _ = LOSSES.get("dpo")(err_w, err_l, ref_w, ref_l, BETA)
+            losses = LOSSES.get("dpo")(PreferenceBatch(err_w, err_l, ref_w, ref_l), BETA).losses
         optimizer_step(fam, opt, losses.mean(), scaler)
 
     return measure(args, fam, meter, step)

@@ -15,15 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-from stages.config import load_params
-from stages.importers import IMPORTERS, leak_report
-from stages.io import read_table, write_json, write_table
-from stages.pairs import PROMPT_BACKENDS, check_pairs
+from safealign.core.cli import run
+from safealign.core.io import read_table, write_json, write_table
+from safealign.core.params import load_params
+from safealign.core.paths import METRICS, PROMPTS
+from safealign.prompts.backends import PROMPT_BACKENDS
+from safealign.prompts.importers import IMPORTERS, leak_report
+from safealign.prompts.schema import check_pairs
 
-OUT = Path("data/prompts")
 
-
-def generate(params_path: str = "params.yaml", out: Path = OUT, metrics: Path = Path("metrics/prompts.json")) -> None:
+def generate(params_path: str = "params.yaml", out: Path = PROMPTS, metrics: Path = METRICS / "prompts.json") -> None:
     params = load_params(params_path)
     sets = PROMPT_BACKENDS.get(params.prompts.backend)(params)
     check_pairs(sets.pairs, f"prompts backend {params.prompts.backend!r}")
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

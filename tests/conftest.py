@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: a tiny SafetyDPO project in a folder, and ways to run its stages.
 
-A *project* is a folder laid out like the repository root: a copy of ``stages/``, ``dvc.yaml``,
+A *project* is a folder laid out like the repository root: a copy of ``stages/``, ``safealign/``, ``dvc.yaml``,
 ``data/taxonomy.yaml`` and a small ``params.yaml`` (the repository's, with ``TINY`` applied). The stages read
 ``params.yaml`` and write ``data/ models/ metrics/ plots/ checkpoints/`` relative to the working directory, so
 every run below happens with the project as the working directory.
@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_yaml(text: str) -> Any:
-    """Parse params YAML as stages.config does (YAML 1.2 booleans: `dvc exp run -S` writes `no` unquoted)."""
-    from stages.config import _Yaml12Loader
+    """Parse params YAML as safealign.core.params does (YAML 1.2 booleans: `dvc exp run -S` writes `no` unquoted)."""
+    from safealign.core.params import _Yaml12Loader
 
     return yaml.load(text, Loader=_Yaml12Loader)
 
@@ -113,13 +113,14 @@ def write_params(project: Path, overrides: Mapping[str, Any] | None = None) -> P
 def make_project(folder: Path, overrides: Mapping[str, Any] | None = None, like: Path | None = None) -> Path:
     """Lay out a tiny project in ``folder`` (created if needed) and return it.
 
-    With ``like`` (another project), its ``stages/``, ``dvc.yaml`` and ``params.yaml`` are copied instead of the
+    With ``like`` (another project), its ``stages/``, ``safealign/``, ``dvc.yaml`` and ``params.yaml`` are copied instead of the
     repository's: a run to be compared with ``like`` then uses the same code and params even if the checkout
     changes meanwhile."""
     folder, src = Path(folder), Path(like or ROOT)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / "stages", folder / "stages", ignore=shutil.ignore_patterns("__pycache__"),
-                    dirs_exist_ok=True)
+    for package in ("stages", "safealign"):  # the stage commands and the library they import
+        shutil.copytree(src / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"),
+                        dirs_exist_ok=True)
     shutil.copy2(src / "dvc.yaml", folder / "dvc.yaml")
     (folder / "data").mkdir(exist_ok=True)
     shutil.copy2(src / "data" / "taxonomy.yaml", folder / "data" / "taxonomy.yaml")
@@ -166,7 +167,7 @@ _DELAYS_DIR: list[Path] = []
 
 def delay_env(delays: Mapping[str, float]) -> dict[str, str]:
     """Environment that makes every Python process started with it sleep ``delays[spec]`` seconds after each
-    call of ``spec`` (``"module:attr.path"``, e.g. ``"stages.io:write_csv_row"``). Pass it to ``stage_env``."""
+    call of ``spec`` (``"module:attr.path"``, e.g. ``"safealign.core.io:write_csv_row"``). Pass it to ``stage_env``."""
     if not _DELAYS_DIR:
         folder = Path(tempfile.mkdtemp(prefix="safetydpo-delays-"))
         (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
@@ -261,6 +262,7 @@ def run_inline(project: Path, name: str, *args: str) -> None:
     exit status raises ``SystemExit``."""
     old_argv = sys.argv
     sys.argv = [f"stages.{name}", *args]
+    os.environ["SAFEALIGN_TRACEBACK"] = "1"  # a user error propagates as its exception instead of exit status 2
     try:
         with inside(project), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # runpy: module already imported
@@ -271,6 +273,7 @@ def run_inline(project: Path, name: str, *args: str) -> None:
                     raise
     finally:
         sys.argv = old_argv
+        os.environ.pop("SAFEALIGN_TRACEBACK", None)
 
 
 def init_dvc(project: Path, git: bool = True) -> Path:
@@ -297,7 +300,7 @@ def llm_overrides(base_url: str, key_env: str, **options: Any) -> dict[str, Any]
 
 def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = None) -> Path:
     """prompts, base, render, train@<each category> (and `all` if the merge rule is `single`, or
-    ``train_all``), merge, evaluate: in order, without DVC. In this process unless ``inline=False``."""
+    ``train_all``), merge, align, evaluate: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
@@ -306,7 +309,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)
-    for name in ("merge", "evaluate"):
+    for name in ("merge", "align", "evaluate"):
         run(project, name)
     return project
 

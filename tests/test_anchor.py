@@ -4,14 +4,17 @@ Anchor (train.anchor_weight): zero at the reference, off means the paper's loss 
 drifted model back toward the reference on prompts it was never given.
 Supervised term (train.sft_weight): off means the paper's loss exactly; on, it adds w * err_w, and its gradient
 lowers the preferred image's denoising error."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from stages import toyworld as tw
-from stages.dpo import anchor_loss, dpo_step
-from stages.family_toy import ToyFamily
-from stages.losses import LOSSES
+from safealign.families.toy import ToyFamily
+from safealign.toyworld import world as tw
+from safealign.training import LOSSES
+from safealign.training.step import preference_step
+from safealign.training.terms import ActiveTerm, active_terms, anchor_loss
 
 
 @pytest.fixture
@@ -22,6 +25,13 @@ def fam() -> ToyFamily:
     f.eval()
     f.add_lora(4, 4.0, ["attn2.to_k", "attn2.to_v"])
     return f
+
+
+def terms(anchor: tuple | None = None, anchor_weight: float = 0.0, sft_weight: float = 0.0) -> list[ActiveTerm]:
+    """The weighted terms as the training loop builds them from params.train: only those with weight > 0
+    (``active_terms``), the anchor term with its rows."""
+    cfg = SimpleNamespace(anchor_weight=anchor_weight, sft_weight=sft_weight)
+    return [ActiveTerm(t, getattr(cfg, t.param), anchor if t.rows_from else None) for t in active_terms(cfg)]
 
 
 def images(fam: ToyFamily, colours: list[str], seed: int) -> torch.Tensor:
@@ -63,14 +73,16 @@ def test_weight_zero_is_the_papers_loss(fam: ToyFamily) -> None:
     with torch.no_grad():
         cond = fam.encode_prompts(["a red circle"] * 4)
         anchor = (images(fam, ["green"] * 4, 1), fam.encode_prompts(["a green circle"] * 4))
-    plain = dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0))
-    off = dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0), anchor, 0.0)
-    on = dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0), anchor, 10.0)
-    assert off.loss.item() == plain.loss.item() and off.anchor == 0.0
-    assert on.anchor > 0
+    plain = preference_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0))
+    off = preference_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
+                          terms(anchor, 0.0))
+    on = preference_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
+                         terms(anchor, 10.0))
+    assert off.loss.item() == plain.loss.item() and off.terms.get("anchor", 0.0) == 0.0
+    assert on.terms["anchor"] > 0
     # the pairs' rows see the same timestep and noise whether anchors ride along or not
     assert on.margin == pytest.approx(plain.margin, rel=1e-5, abs=1e-6)
-    assert on.loss.item() == pytest.approx(plain.loss.item() + 10.0 * on.anchor, rel=1e-5)
+    assert on.loss.item() == pytest.approx(plain.loss.item() + 10.0 * on.terms["anchor"], rel=1e-5)
 
 
 def test_anchor_gradient_pulls_the_model_back_toward_the_reference(fam: ToyFamily) -> None:
@@ -96,7 +108,7 @@ def test_anchor_gradient_pulls_the_model_back_toward_the_reference(fam: ToyFamil
         opt = torch.optim.SGD(fam.lora_parameters(), lr=0.2)
         gen = torch.Generator().manual_seed(0)
         for _ in range(40):
-            out = dpo_step(fam, x, x, cond, LOSSES.get("dpo"), 5.0, gen, (a_x0, a_cond), weight)
+            out = preference_step(fam, x, x, cond, LOSSES.get("dpo"), 5.0, gen, terms((a_x0, a_cond), weight))
             opt.zero_grad()
             out.loss.backward()
             opt.step()
@@ -114,7 +126,8 @@ def test_weight_zero_is_the_papers_loss_and_on_adds_w_times_err_w(fam: ToyFamily
         cond = fam.encode_prompts(["a large yellow circle on a black background"] * 4)
 
     def step(**weight: float):
-        return dpo_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0), **weight)
+        return preference_step(fam, x_w, x_l, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
+                               terms(**weight))
 
     plain, off, on = step(), step(sft_weight=0.0), step(sft_weight=3.0)
     assert off.loss.item() == plain.loss.item()
@@ -137,8 +150,8 @@ def test_sft_gradient_lowers_the_preferred_error(fam: ToyFamily) -> None:
         opt = torch.optim.SGD(fam.lora_parameters(), lr=5.0)
         errs = []
         for _ in range(30):
-            out = dpo_step(fam, x, x, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
-                           sft_weight=weight)
+            out = preference_step(fam, x, x, cond, LOSSES.get("dpo"), 5.0, torch.Generator().manual_seed(0),
+                                  terms(sft_weight=weight))
             errs.append(out.err_w)
             opt.zero_grad()
             out.loss.backward()

@@ -11,7 +11,7 @@ data (2)
  10 ``train --category`` for a category with no training pairs  11 ... for a name that is not a category
 tables (7)
  12 pairs table without a column  13 an empty pairs file  14 a pairs file that is not Parquet
- 15 duplicate pair ids (stages.pairs.check_pairs)
+ 15 duplicate pair ids (safealign.prompts.schema.check_pairs)
  16 CSV import: text that is not UTF-8 (file, row and line)  17 ... an empty file  18 ... a missing column
 images (3)
  19 a corrupt PNG among the rendered images  20 a rendered PNG of the wrong size  21 a .png that is no image
@@ -20,7 +20,7 @@ LoRA files (8)
  24 tensors of another rank than the metadata says (merge)  25 metadata without the rank
  26, 27 a pickle-based .pt / .bin  28 pickle bytes named .safetensors  29 ... as an expert (merge):
  refused, and never unpickled (a trap object that would create a file when unpickled proves it)
-LLM replies (6), through the recipe's reply handling (stages/llm_prompts.py): counted under a named reason
+LLM replies (6), through the recipe's reply handling (safealign/prompts/recipe.py): counted under a named reason
  30 empty  31 blank  32 a refusal  33 garbage  34 a preamble and nothing else  35 no reply at all
  (a run where nothing survives names the reasons and the journal: tests/test_llm_prompts.py)
 """
@@ -40,10 +40,10 @@ from conftest import ROOT, file_hashes, run_inline, write_params
 from PIL import Image
 from safetensors.torch import save_file
 
-from stages.config import CATEGORIES, ParamsError
-from stages.family import read_lora, save_lora
-from stages.pairs import check_pairs
-from stages.rendering import load_png
+from safealign.core.params import CATEGORIES, ParamsError
+from safealign.families.lora import read_lora, save_lora
+from safealign.families.rendering import load_png
+from safealign.prompts.schema import check_pairs
 
 
 @contextlib.contextmanager
@@ -145,7 +145,7 @@ def test_duplicate_pair_ids_name_the_id() -> None:
 ], ids=["not_utf8", "empty", "missing_column"])
 def test_bad_csv_import_names_file_and_row(reference_copy: Path, capsys: pytest.CaptureFixture[str],
                                            content: bytes, pattern: str) -> None:
-    pytest.importorskip("stages.importers")
+    pytest.importorskip("safealign.prompts.importers")
     (reference_copy / "bad.csv").write_bytes(content)
     shutil.copy2(reference_copy / PAIRS, reference_copy / "imported.parquet")  # an earlier import
     args = ("prompts", "import", "--format", "coprov2", "--input", "bad.csv", "--output", "imported.parquet")
@@ -183,13 +183,13 @@ def _resave(path: Path, edit_tensors=None, edit_meta=None) -> None:
 
 
 def test_lora_missing_weights_the_adapter_needs(reference_copy: Path) -> None:
-    merged = reference_copy / "models/merged/lora.safetensors"
-    sd, meta = read_lora(merged)
+    aligned = reference_copy / "models/aligned/lora.safetensors"  # the merged LoRA as `align` hands it to evaluate
+    sd, meta = read_lora(aligned)
     keep = sorted({k.split(".lora_")[0] for k in sd})[:2]  # two modules of many
-    save_lora(merged, {k: v for k, v in sd.items() if k.split(".lora_")[0] in keep}, int(meta["rank"]),
+    save_lora(aligned, {k: v for k, v in sd.items() if k.split(".lora_")[0] in keep}, int(meta["rank"]),
               float(meta["alpha"]), meta["targets"].split(","))
     fails(reference_copy, ("evaluate",), ValueError,
-          re.escape(str(Path("models/merged/lora.safetensors"))) + r": LoRA file lacks \d+ weights",
+          re.escape(str(Path("models/aligned/lora.safetensors"))) + r": LoRA file lacks \d+ weights",
           ("data/eval/**/*", "metrics/evaluate.json"))
 
 
@@ -257,7 +257,7 @@ def test_pickle_expert_refused_by_merge(reference_copy: Path) -> None:
     (None, "llm_error"),
 ], ids=["empty", "blank", "refusal", "garbage", "preamble_only", "no_reply"])
 def test_bad_llm_reply_is_rejected_by_name(tmp_path: Path, reply: str | None, reason: str) -> None:
-    llm_prompts = pytest.importorskip("stages.llm_prompts")
+    llm_prompts = pytest.importorskip("safealign.prompts.recipe")
     opts = llm_prompts.load_options({"journal_dir": str(tmp_path)})
     tax = llm_prompts.load_taxonomy(ROOT / "data/taxonomy.yaml", CATEGORIES)
     recipe = llm_prompts.Recipe(llm=_NoLLM(), opts=opts, taxonomy=tax, encoder=None, seed=0)

@@ -2,9 +2,9 @@
 from pathlib import Path
 
 import pytest
-
-from stages.config import ParamsError, load_params, validate
 from conftest import read_yaml
+
+from safealign.core.params import ParamsError, load_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,14 +17,14 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
+from safealign.core.errors import MissingWeights  # noqa: E402
+from safealign.core.params import Evaluate  # noqa: E402
+from safealign.evaluation import DETECTORS, QUALITY  # noqa: E402
+from safealign.evaluation.detectors_real import NudeNetDetector, Q16Detector, nudenet_scores, q16_probabilities  # noqa: E402
+from safealign.evaluation.quality_real import FID, CLIPScore, FIDInception  # noqa: E402
+from safealign.toyworld import world as tw  # noqa: E402
 from scripts.convert_q16 import main as convert_main  # noqa: E402
 from scripts.convert_q16 import read_prompts  # noqa: E402
-from stages import toyworld as tw  # noqa: E402
-from stages.config import Evaluate  # noqa: E402
-from stages.detectors import DETECTORS, MissingWeights  # noqa: E402
-from stages.detectors_real import NudeNetDetector, Q16Detector, nudenet_scores, q16_probabilities  # noqa: E402
-from stages.quality import QUALITY  # noqa: E402
-from stages.quality_real import FID, CLIPScore, FIDInception  # noqa: E402
 
 
 def params(**options: object) -> SimpleNamespace:
@@ -42,7 +42,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer CLIP saved in transformers format with an offline byte-level tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from stages.family_sd import byte_tokenizer
+    from safealign.families.sd import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     tok = byte_tokenizer(77)
@@ -66,7 +66,7 @@ def test_registries_and_params_accept_the_real_names() -> None:
 
 # ---------------------------------------------------------------------------------------------- NudeNet
 def test_nudenet_runs_on_rendered_and_drawn_images() -> None:
-    from stages.family import get_family
+    from safealign.families import get_family
 
     pytest.importorskip("nudenet", reason="pip install -e '.[eval]'")
     det = NudeNetDetector(params())

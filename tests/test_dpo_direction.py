@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages import toyworld as tw
-from stages.dpo import dpo_step
-from stages.family_toy import ToyFamily, pretrain
-from stages.losses import LOSSES
+from safealign.families.toy import ToyFamily
+from safealign.toyworld import world as tw
+from safealign.toyworld.detect import detect_batch
+from safealign.toyworld.pretrain import pretrain
+from safealign.training import LOSSES
+from safealign.training.step import preference_step
 
 COLOURS = ("red", "blue", "green")
 SEEDS = list(range(24))
@@ -43,7 +45,7 @@ def fresh(base_state) -> ToyFamily:
 
 def red_rate(fam: ToyFamily) -> float:
     images = fam.render(["a blue circle"] * len(SEEDS), SEEDS, steps=10, guidance=2.0)
-    return float(np.mean([d["color"] == "red" for d in tw.detect_batch(images)]))
+    return float(np.mean([d["color"] == "red" for d in detect_batch(images)]))
 
 
 def train_pairs(fam: ToyFamily, prefer_red: bool, steps: int = 80) -> list[float]:
@@ -61,7 +63,7 @@ def train_pairs(fam: ToyFamily, prefer_red: bool, steps: int = 80) -> list[float
     accuracy = []
     for _ in range(steps):
         idx = torch.from_numpy(rng.integers(0, 64, 8))
-        out = dpo_step(fam, x_w[idx], x_l[idx], cond, LOSSES.get("dpo"), beta=5.0, generator=gen)
+        out = preference_step(fam, x_w[idx], x_l[idx], cond, LOSSES.get("dpo"), beta=5.0, generator=gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

@@ -21,10 +21,11 @@ from transformers import CLIPTextConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from stages.detectors import MissingWeights  # noqa: E402
-from stages.dpo import dpo_step  # noqa: E402
-from stages.family import FAMILIES, get_family, save_lora  # noqa: E402
-from stages.losses import LOSSES  # noqa: E402
+from safealign.core.errors import MissingWeights  # noqa: E402
+from safealign.families import FAMILIES, get_family  # noqa: E402
+from safealign.families.lora import save_lora  # noqa: E402
+from safealign.training import LOSSES  # noqa: E402
+from safealign.training.step import preference_step  # noqa: E402
 
 REAL = ["sd15", "sd21", "sdxl"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -59,7 +60,7 @@ def trained_lora(fam, lr: float = 1e-2):
     with torch.no_grad():
         x0 = fam.encode_images(images)
         cond = fam.encode_prompts([PROMPT])
-    out = dpo_step(fam, x0[:1], x0[1:], cond, LOSSES.get("dpo"), 5000.0, torch.Generator().manual_seed(0))
+    out = preference_step(fam, x0[:1], x0[1:], cond, LOSSES.get("dpo"), 5000.0, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(fam.lora_parameters(), lr=lr)
     out.loss.backward()
     grads = [p.grad for p in fam.lora_parameters()]
@@ -73,7 +74,8 @@ def test_registered() -> None:
 
 
 def test_published_configs_have_the_published_sizes() -> None:
-    """The configs written in family_sd build the released architectures (parameter counts, on the meta device)."""
+    """The configs written in safealign.families.sd build the released architectures (parameter counts, on the
+    meta device)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     def millions(module: torch.nn.Module) -> float:

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.family import read_lora, save_lora
-from stages.family_toy import ToyFamily, WordTokenizer, pretrain
+from safealign.families.lora import read_lora, save_lora
+from safealign.families.toy import ToyFamily, WordTokenizer
+from safealign.toyworld.pretrain import pretrain
 
 TINY = dict(patch=4, widths=(16, 16), attention=(True, True), text_dim=16)
 

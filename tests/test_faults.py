@@ -21,8 +21,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (LLMRun, copy_project, count_lines, file_hashes, init_dvc, kill_when, make_project,
-                      run_command, run_inline, run_stage, temp_files)
+from conftest import (
+    LLMRun,
+    copy_project,
+    count_lines,
+    file_hashes,
+    init_dvc,
+    kill_when,
+    make_project,
+    run_command,
+    run_inline,
+    run_stage,
+    temp_files,
+)
 
 RENDER_OUT = ("data/render/images/*.png", "data/render/*.parquet", "data/render/*.safetensors")
 
@@ -79,10 +90,10 @@ def test_train_killed_resumes_to_identical_expert(tiny_reference: Path, tmp_path
     copy_project(tiny_reference, project, "data/prompts", "models/base", "data/render")
     log, ckpts = project / "metrics/train/violence.csv", project / "checkpoints/violence"
     if point == "after_checkpoint":  # killed after step 5 was logged; the newest checkpoint is step 4
-        delays = {"stages.training:write_csv_row": 0.3}
+        delays = {"safealign.training.loop:write_csv_row": 0.3}
         ready = lambda: count_lines(log) >= 6  # noqa: E731 - header + 5 steps
     else:  # killed while the checkpoint of step 4 is half written
-        delays = {"stages.training:save_file": 0.5}
+        delays = {"safealign.training.checkpoints:save_file": 0.5}
         ready = lambda: (ckpts / ".tmp_step_000004" / "lora.safetensors").exists()  # noqa: E731
     proc = run_stage(project, "train", "--category", "violence", background=True, delays=delays)
     kill_when(proc, ready)

@@ -8,10 +8,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from safealign.prompts.importers import (
+    IMPORTERS,
+    PROMPT_LIST_COLUMNS,
+    PromptSetError,
+    import_coprov2,
+    import_i2p,
+    import_ud,
+    leak_report,
+    normalise_category,
+)
+from safealign.prompts.schema import PAIR_COLUMNS, check_pairs
 from stages import prompts as stage
-from stages.importers import (IMPORTERS, PROMPT_LIST_COLUMNS, PromptSetError, import_coprov2, import_i2p,
-                              import_ud, leak_report, normalise_category)
-from stages.pairs import PAIR_COLUMNS, check_pairs
 
 FIX = Path(__file__).parent / "fixtures"
 

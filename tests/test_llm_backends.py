@@ -1,5 +1,5 @@
-"""LLM backends (stages/llm.py): the openai backend against a real HTTP server on 127.0.0.1, the vllm backend's
-request building and parsing without vLLM, the journal, and the local backend generating on the CPU (slow)."""
+"""LLM backends (safealign/prompts/llm.py): the openai backend against a real HTTP server on 127.0.0.1, the vllm
+backend's request building and parsing without vLLM, the journal, and the local backend generating on the CPU (slow)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fixtures.fake_openai import FakeOpenAI, serve  # noqa: E402
-from stages.llm import (LLM_BACKENDS, ChatRequest, Journal, LLMOptions, OpenAIBackend, VLLMBackend,  # noqa: E402
-                        generate_journaled, smollm2_gguf, vllm_inputs, vllm_texts)
+
+from safealign.prompts.llm import (  # noqa: E402
+    LLM_BACKENDS,
+    ChatRequest,
+    Journal,
+    LLMOptions,
+    OpenAIBackend,
+    VLLMBackend,
+    generate_journaled,
+    smollm2_gguf,
+    vllm_inputs,
+    vllm_texts,
+)
 
 KEY_ENV = "SDPO_TEST_LLM_KEY"
 KEY = "sk-test-PLANTED-0123456789abcdef"
@@ -184,7 +195,7 @@ def test_local_backend_generates_on_cpu(tmp_path: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from stages.llm import LocalBackend
+    from safealign.prompts.llm import LocalBackend
 
     llm = LocalBackend(LLMOptions(batch_size=2))
     requests = [ChatRequest((("user", "Describe a sunny beach in one short sentence."),), max_tokens=20, seed=1),

@@ -1,4 +1,4 @@
-"""The CoProV2 recipe (stages/llm_prompts.py) and its filters (stages/prompt_filters.py): reply parsing, the
+"""The CoProV2 recipe (safealign/prompts/recipe.py) and its filters (safealign/prompts/filters.py): reply parsing, the
 taxonomy, concept splits, rejection counting, resume from the journal, and the whole stage with the openai
 backend against a local HTTP server (the planted API key must appear nowhere)."""
 from __future__ import annotations
@@ -19,14 +19,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fixtures.fake_openai import FakeOpenAI, serve  # noqa: E402
+
+from safealign.core.params import CATEGORIES, ParamsError, load_params  # noqa: E402
+from safealign.prompts.backends import PROMPT_BACKENDS  # noqa: E402
+from safealign.prompts.filters import (  # noqa: E402
+    carries_concept,
+    is_refusal,
+    keyword_stems,
+    lexical_matches,
+    parse_list,
+    parse_single,
+)
+from safealign.prompts.recipe import Recipe, load_options, load_taxonomy, run_recipe, split_concepts  # noqa: E402
+from safealign.prompts.requests import benign_request, twin_request, unsafe_request  # noqa: E402
+from safealign.prompts.schema import check_pairs  # noqa: E402
 from stages import prompts as stage  # noqa: E402
-from stages.config import CATEGORIES, ParamsError, load_params  # noqa: E402
-from stages.llm_prompts import (Recipe, load_options, load_taxonomy, run_recipe,  # noqa: E402
-                                split_concepts)
-from stages.pairs import PROMPT_BACKENDS, check_pairs  # noqa: E402
-from stages.prompt_filters import (carries_concept, is_refusal, keyword_stems, lexical_matches,  # noqa: E402
-                                   parse_list, parse_single)
-from stages.prompt_requests import benign_request, twin_request, unsafe_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = ROOT / "data" / "taxonomy.yaml"

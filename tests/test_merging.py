@@ -5,15 +5,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from stages.merging import (
-    MERGE_RULES,
+from safealign.merging import MERGE_RULES
+from safealign.merging.deltas import lora_deltas, merge_state_dicts, refactor
+from safealign.merging.rules import (
     MergeOptions,
     co_merge,
     dare,
-    lora_deltas,
     max_abs,
-    merge_state_dicts,
-    refactor,
     task_arithmetic,
     ties,
 )

@@ -6,10 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-
 from conftest import ROOT, copy_project, make_project, read_yaml, run_inline, set_dotted
-from stages.family import read_lora
+
+from safealign.families.lora import read_lora
 
 METRIC_KEYS = {"ip", "ip_mean", "fidelity", "twin_rate"}
 
@@ -82,7 +81,7 @@ def test_evaluate_with_real_detectors_reports_missing_weights(reference_copy: Pa
 
 def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
     """The pairs the LLM recipe wrote (openai backend, fake local server) feed every later stage: render,
-    seven experts, merge and evaluate run on them and report IP for every category."""
+    seven experts, merge, align and evaluate run on them and report IP for every category."""
     ref = llm_fault_run.ref
     project = make_project(tmp_path / "llm", like=ref)
     copy_project(ref, project, "data/prompts", "metrics/prompts.json")
@@ -93,8 +92,8 @@ def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
         run_inline(project, name)
     for cat in cats:
         run_inline(project, "train", "--category", cat)
-    run_inline(project, "merge")
-    run_inline(project, "evaluate")
+    for name in ("merge", "align", "evaluate"):
+        run_inline(project, name)
     ev = json.loads((project / "metrics/evaluate.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert set(ev["aligned"]["ip"]) == set(cats)
     # LLM benign prompts name no toy attribute: the toy fidelity has nothing to measure, and says so with null

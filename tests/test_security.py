@@ -3,8 +3,8 @@ unpickled, no ``trust_remote_code``; images flagged unsafe are blurred in grids 
 off; API keys come only from the environment and are written nowhere (params.yaml, dvc.lock, metrics, tables,
 journals, logs).
 
-The source checks read ``stages/`` with the ``ast`` module (so comments and strings that mention the names do
-not count) and are themselves tested on planted violations.
+The source checks read ``stages/`` and the ``safealign/`` library with the ``ast`` module (so comments and strings
+that mention the names do not count) and are themselves tested on planted violations.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import yaml
 from conftest import LLM_KEY, ROOT, LLMRun, run_inline, write_params
 from PIL import Image
 
-from stages.config import Evaluate, ParamsError
+from safealign.core.params import Evaluate, ParamsError
 
-STAGES = sorted((ROOT / "stages").glob("*.py"))
+STAGES = sorted((ROOT / "stages").glob("*.py")) + sorted((ROOT / "safealign").rglob("*.py"))  # commands + library
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 PICKLE_CALLS = {"read_pickle", "load_pickle"}
 
@@ -119,7 +119,7 @@ def _sharp_pixels(path: Path) -> int:
 
 
 def test_grid_blurs_flagged_cells_unless_turned_off(tmp_path: Path) -> None:
-    from stages.grids import save_grid
+    from safealign.evaluation.grids import save_grid
 
     img = _checkerboard()
     args = (["flagged", "not flagged"], [[img, img]], ["a red circle"], [[True, False]])
@@ -139,11 +139,12 @@ def test_grid_blurs_flagged_cells_unless_turned_off(tmp_path: Path) -> None:
 @pytest.mark.parametrize("blur", [True, False])
 def test_evaluation_grid_follows_the_blur_setting(reference_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                   blur: bool) -> None:
-    import stages.grids
+    import safealign.evaluation.grids
 
     calls = []
-    original = stages.grids.save_grid
-    monkeypatch.setattr(stages.grids, "save_grid", lambda *a, **k: (calls.append((a, k)), original(*a, **k)))
+    original = safealign.evaluation.grids.save_grid
+    monkeypatch.setattr(safealign.evaluation.grids, "save_grid",
+                        lambda *a, **k: (calls.append((a, k)), original(*a, **k)))
     write_params(reference_copy, {} if blur else {"evaluate.blur_unsafe": False})
     run_inline(reference_copy, "evaluate")
     (path, _, _, _, flags), kwargs = calls[-1]
@@ -153,7 +154,7 @@ def test_evaluation_grid_follows_the_blur_setting(reference_copy: Path, monkeypa
 
 # ------------------------------------------------------------------------------------------------ keys
 def test_params_have_no_place_for_a_key() -> None:
-    llm_prompts = pytest.importorskip("stages.llm_prompts")
+    llm_prompts = pytest.importorskip("safealign.prompts.recipe")
     with pytest.raises(ParamsError, match=r"prompts\.options\.api_key: unknown key"):
         llm_prompts.load_options({"api_key": LLM_KEY})
     with pytest.raises(ParamsError, match=r"prompts\.options\.api_key_env: String should match pattern"):

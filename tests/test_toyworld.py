@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from stages import toyworld as tw
+from safealign.toyworld import world as tw
+from safealign.toyworld.detect import detect, detect_batch
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def drawn():
 @pytest.mark.parametrize("attribute", list(tw.ATTRIBUTES))
 def test_drawn_images_round_trip_through_detectors(drawn, attribute):
     scenes, images = drawn
-    detected = tw.detect_batch(images)
+    detected = detect_batch(images)
     acc = np.mean([d[attribute] == getattr(s, attribute) for d, s in zip(detected, scenes)])
     assert acc >= 0.99, f"{attribute}: {acc:.3f}"
 
@@ -23,7 +24,7 @@ def test_drawn_images_round_trip_through_detectors(drawn, attribute):
 def test_detectors_survive_pixel_noise(drawn):
     scenes, images = drawn
     noisy = np.clip(images + np.random.default_rng(1).normal(0, 0.08, images.shape), 0, 1)
-    detected = tw.detect_batch(noisy)
+    detected = detect_batch(noisy)
     for attr in ("color", "size", "background"):
         assert np.mean([d[attr] == getattr(s, attr) for d, s in zip(detected, scenes)]) >= 0.99
 
@@ -31,11 +32,11 @@ def test_detectors_survive_pixel_noise(drawn):
 def test_uint8_input_equals_float_input(drawn):
     _, images = drawn
     u8 = (images[:20] * 255).round().astype(np.uint8)
-    assert tw.detect_batch(u8) == tw.detect_batch(u8.astype(np.float32) / 255)
+    assert detect_batch(u8) == detect_batch(u8.astype(np.float32) / 255)
 
 
 def test_empty_image_has_no_object():
-    d = tw.detect(np.zeros((32, 32, 3), np.float32))
+    d = detect(np.zeros((32, 32, 3), np.float32))
     assert d["background"] == "black" and d["color"] == "none" and d["shape"] == "none"
 
 

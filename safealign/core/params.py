@@ -1,0 +1,235 @@
+"""params.yaml, validated once into frozen typed objects.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or value, or a name
+that is not in its registry fails at start-up with the key's dotted path and what is allowed. Registry-backed
+names (method, family, loss, merge rule, prompt backend, detectors, quality metrics) are checked against the
+registries themselves, so the allowed names are written in one place; checking a name imports no
+implementation (the registries hold lazy entries).
+
+Settings that belong to one part are validated by that part, and only when it is used: the ``toy`` section by
+the toy world (``safealign.toyworld.settings``, when the family is ``toy``), ``model.options`` by the family,
+``prompts.options`` by the prompt backend, ``evaluate.options`` by each detector.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from safealign.core.categories import CATEGORIES
+from safealign.core.errors import ParamsError, validation_lines
+
+__all__ = ["CATEGORIES", "Params", "ParamsError", "load_params", "validate"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Model(Section):
+    family: str = "toy"
+    path: str = Field("", description="real families: a local diffusers folder or single-file checkpoint")
+    resolution: int = Field(0, ge=0, description="render size in pixels; 0 = the family's default")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    options: dict[str, Any] = Field(default_factory=dict, description="family-specific settings")
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from safealign.families import FAMILIES
+
+        return FAMILIES.check(v)
+
+
+class Runtime(Section):
+    threads: int = Field(2, ge=0, description="torch CPU threads; 0 = torch's default")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda[:N]'")
+
+
+class Base(Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    pool_size: int = Field(20000, ge=16)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    eval_prompts: int = Field(280, ge=7)
+
+
+class Sampling(Section):
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class Prompts(Section):
+    backend: str = "grammar"
+    train_per_category: int = Field(96, ge=1)
+    test_per_category: int = Field(48, ge=1)
+    benign: int = Field(140, ge=1)
+    calibration_per_category: int = Field(8, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from safealign.prompts.backends import PROMPT_BACKENDS
+
+        return PROMPT_BACKENDS.check(v)
+
+
+class Train(Section):
+    loss: str = "dpo"
+    beta: float = Field(5000.0, gt=0, description="Diffusion-DPO beta (METHOD.md); its scale is per family")
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="pairs per step")
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    anchor_weight: float = Field(0.0, ge=0, description=(
+        "weight of the anchor term: mean squared difference between the trained and the reference model's "
+        "predictions on anchor prompts (the safe prompts of every training pair, with their images); "
+        "0 = the paper's loss alone"))
+    anchor_batch_size: int = Field(16, ge=1, description="anchor prompts per step (when anchor_weight > 0)")
+    sft_weight: float = Field(0.0, ge=0, description=(
+        "weight of a supervised term on the preferred image (its denoising error under the condition prompt, "
+        "as in RPO); 0 = the paper's loss. Stops DPO from overshooting past the safe twin into a third concept"))
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        from safealign.training import LOSSES
+
+        return LOSSES.check(v)
+
+
+class Merge(Section):
+    method: str = "co_merge"
+    rank: int = Field(32, ge=1, description="rank of the SVD re-factoring of the merged delta")
+    density: float = Field(0.5, gt=0, le=1, description="share of weights kept (ties, dare)")
+    scale: float = Field(1.0, gt=0, description="lambda: multiplies the merged delta of every rule but linear (1 = the rule as published)")
+    calibration: Literal["own", "all"] = Field("own", description="co_merge: calibration prompts per expert")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from safealign.merging import MERGE_RULES
+
+        names = [*MERGE_RULES, "single"]  # single: the `all` expert, unmerged (the All-single baseline)
+        if v not in names:
+            raise ValueError(f"unknown merge rule {v!r}; allowed: {', '.join(sorted(names))}")
+        return v
+
+
+class Evaluate(Section):
+    detectors: tuple[str, ...] = ("toy",)
+    quality: tuple[str, ...] = Field(("toy_fd",), description="quality metrics (registry safealign.evaluation.QUALITY)")
+    options: dict[str, Any] = Field(default_factory=dict, description="detector and quality-metric settings")
+    blur_unsafe: bool = Field(True, description="blur images flagged unsafe in grids")
+    grid_rows: int = Field(14, ge=1)
+
+    @field_validator("detectors")
+    @classmethod
+    def _detectors(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from safealign.evaluation import DETECTORS
+
+        if not v:
+            raise ValueError("name at least one detector")
+        for name in v:
+            DETECTORS.check(name)
+        return v
+
+    @field_validator("quality")
+    @classmethod
+    def _quality(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from safealign.evaluation import QUALITY
+
+        for name in v:
+            QUALITY.check(name)
+        return v
+
+
+class Params(Section):
+    seed: int = 0
+    method: str = Field("safetydpo", description="what builds the aligned model `evaluate` scores (safealign.methods)")
+    categories: tuple[str, ...] = CATEGORIES
+    model: Model = Model()
+    runtime: Runtime = Runtime()
+    toy: Any = Field(None, description="the toy world's settings; validated by the toy world when it is used")
+    base: Base = Base()
+    sampling: Sampling = Sampling()
+    prompts: Prompts = Prompts()
+    train: Train = Train()
+    merge: Merge = Merge()
+    evaluate: Evaluate = Evaluate()
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from safealign.methods import METHODS
+
+        return METHODS.check(v)
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in v if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"unknown category {unknown[0]!r}; allowed: {', '.join(CATEGORIES)}")
+        if len(set(v)) != len(v) or not v:
+            raise ValueError("categories must be a non-empty list without repeats")
+        return v
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where an unquoted `no` (as `dvc exp run -S`
+    writes `train.mixed_precision: no`) would become False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml. ``overrides`` maps dotted keys to values (for tests and tools)."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate(raw, str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate the generic sections, then the sections the chosen family claims (``toy`` for the toy family)."""
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError("\n".join(validation_lines(e.errors(), source))) from None
+    from safealign.core.registry import resolve
+    from safealign.families import FAMILY_SETTINGS
+
+    updates = {}
+    for section, spec in FAMILY_SETTINGS.get(params.model.family, {}).items():
+        updates[section] = resolve(spec)(getattr(params, section), params, source)
+    return params.model_copy(update=updates) if updates else params

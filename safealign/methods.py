@@ -1,0 +1,32 @@
+"""``METHODS``: what builds the aligned model that ``evaluate`` scores (``method`` in params.yaml).
+
+The one place the methods' names live. Entries are lazy (``"module:Class"``). A method is a class with:
+
+- ``build(params, out: Path, device) -> dict``: the `align` stage; from what earlier stages wrote (for SafetyDPO:
+  the merged LoRA), write the aligned model's artifacts into ``out`` (``models/aligned/``) and return metrics;
+- ``attach(fam, folder: Path, params) -> files``: make a loaded base family render as the aligned model (attach a
+  LoRA, install a guidance rule, ...); returns the files whose content identifies the aligned model (render keys);
+- ``combine``: optional guidance rule for sampling (``safealign.families.sampling``), None for weight-space methods.
+
+``dvc exp run -S method=<name>`` switches it: only `align` and `evaluate` re-run, the experts stay cached.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from safealign.core.registry import Registry
+
+
+class Method(Protocol):
+    name: str
+    combine: Any  # a guidance rule (safealign.families.sampling.Guidance) or None
+
+    def build(self, params: Any, out: Path, device: str) -> dict[str, Any]: ...
+
+    def attach(self, fam: Any, folder: Path, params: Any) -> list[Path]: ...
+
+
+METHODS: Registry[Any] = Registry("method")
+METHODS.add_lazy("safetydpo", "safealign.safetydpo.method:SafetyDPO")
+METHODS.add_lazy("none", "safealign.baselines.none:NoAlignment")  # no alignment: the reference row

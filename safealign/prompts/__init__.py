@@ -1,0 +1,1 @@
+"""Prompts: the pair/benign table schema, prompt backends (the LLM recipe), importers of published sets."""

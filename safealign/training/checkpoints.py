@@ -1,0 +1,73 @@
+"""Training checkpoints: the LoRA weights, the optimizer state and the data/noise generator's state, all in
+safetensors (nothing is unpickled), so a resumed run continues exactly where the interrupted one stopped and ends
+with the same weights. A checkpoint carries the per-step log so far and the key of the run that wrote it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from safealign.families.base import Family
+from safealign.families.lora import set_module_state
+
+
+def save_checkpoint(folder: Path, step: int, fam: Family, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    key: str, keep: int = 2, log_csv: Path | None = None) -> None:
+    """Write ``folder/step_XXXXXX`` in one rename, then drop all but the ``keep`` newest. The per-step log so far
+    goes with it: DVC deletes a stage's outputs (the log) before a re-run, while checkpoints survive."""
+    final = folder / f"step_{step:06d}"
+    tmp = folder / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(fam.lora_state_dict(), str(tmp / "lora.safetensors"))
+    if log_csv is not None and log_csv.exists():
+        shutil.copy2(log_csv, tmp / "log.csv")
+    tensors: dict[str, torch.Tensor] = {"generator": gen.get_state()}
+    scalars: dict[str, Any] = {}
+    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt.{pid}.{name}"] = val.contiguous()
+            else:
+                scalars[f"opt.{pid}.{name}"] = val
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "key": key, "scalars": scalars}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(folder.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, key: str, fam: Family, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, log_csv: Path | None = None) -> int:
+    """Restore the newest checkpoint written for this exact configuration, and the log it carries to
+    ``log_csv``; returns its step (0 if none)."""
+    for ckpt in sorted(folder.glob("step_*"), reverse=True):
+        try:
+            meta = json.loads((ckpt / "meta.json").read_text())
+            lora = load_file(str(ckpt / "lora.safetensors"))
+            state = load_file(str(ckpt / "state.safetensors"))
+        except (OSError, ValueError, json.JSONDecodeError):
+            continue  # an unreadable checkpoint is skipped, an older one may still serve
+        if meta.get("key") != key:
+            continue
+        set_module_state(fam.raw_unet, lora)
+        opt_sd = opt.state_dict()
+        for pid in list(opt_sd["state"]) or range(len(opt_sd["param_groups"][0]["params"])):
+            entry = {name.split(".", 2)[2]: val for name, val in state.items() if name.startswith(f"opt.{pid}.")}
+            entry.update({name.split(".", 2)[2]: val for name, val in meta["scalars"].items()
+                          if name.startswith(f"opt.{pid}.")})
+            if entry:
+                opt_sd["state"][pid] = entry
+        opt.load_state_dict(opt_sd)
+        gen.set_state(state["generator"])
+        if log_csv is not None and (ckpt / "log.csv").exists():
+            log_csv.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt / "log.csv", log_csv)
+        return int(meta["step"])
+    return 0

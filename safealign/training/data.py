@@ -1,0 +1,90 @@
+"""The training data: the render stage's cache of pairs (model-space images of both sides and the condition of
+each pair's prompts), read once per stage, and the row sets the loop samples from.
+
+The cache (``data/render/cache.safetensors``) holds ``x0_w`` (safe image), ``x0_l`` (unsafe image), ``cond.*`` (the
+unsafe prompt's condition) and ``cond_safe.*`` (the safe prompt's, for the anchor term), in the order of
+``manifest.parquet``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from safealign.core.io import read_table
+from safealign.core.paths import RENDER
+from safealign.families.base import Cond, cond_index
+
+Cached = tuple[Any, dict[str, torch.Tensor]]  # (manifest DataFrame, cache tensors)
+
+
+@dataclasses.dataclass
+class PairData:
+    """Cached training pairs: model-space images (x0_w preferred, x0_l rejected) and one condition per pair."""
+
+    x0_w: torch.Tensor
+    x0_l: torch.Tensor
+    cond: Cond
+
+    def __len__(self) -> int:
+        return self.x0_w.shape[0]
+
+    def select(self, idx: torch.Tensor) -> PairData:
+        return PairData(self.x0_w[idx], self.x0_l[idx], cond_index(self.cond, idx))
+
+
+@dataclasses.dataclass
+class AnchorData:
+    """Cached anchor rows for the anchor term: model-space images and their prompts' conditions."""
+
+    x0: torch.Tensor
+    cond: Cond
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def select(self, idx: torch.Tensor) -> AnchorData:
+        return AnchorData(self.x0[idx], cond_index(self.cond, idx))
+
+
+def read_cache() -> Cached:
+    """The render manifest and cache, checked to list the same pairs in the same order (read once per stage)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    manifest = read_table(RENDER / "manifest.parquet", ["pair_id", "categories"])
+    cache = load_file(str(RENDER / "cache.safetensors"))
+    with safe_open(str(RENDER / "cache.safetensors"), framework="pt") as f:
+        order = json.loads(f.metadata()["pair_ids"])
+    if order != list(manifest.pair_id):
+        raise ValueError(f"{RENDER}/cache.safetensors: rows do not match manifest.parquet; re-run `dvc repro render`")
+    return manifest, cache
+
+
+def load_anchors(cached: Cached | None = None) -> AnchorData:
+    """The safe side of every training pair (image and safe-prompt condition): the anchor term's rows.
+    ``cached``: what ``read_cache()`` returned, if the caller has it already."""
+    _, cache = cached or read_cache()
+    cond = {k.removeprefix("cond_safe."): v for k, v in cache.items() if k.startswith("cond_safe.")}
+    if not cond:
+        raise ValueError(f"{RENDER}/cache.safetensors: no safe-prompt conditions (cond_safe.*), which "
+                         "train.anchor_weight > 0 needs; re-run `dvc repro render`")
+    return AnchorData(cache["x0_w"], cond)
+
+
+def load_pairs(category: str, categories: Sequence[str], cached: Cached | None = None) -> PairData:
+    """The cached pairs of ``category`` ('all': of every category in params); ``cached`` as in load_anchors."""
+    manifest, cache = cached or read_cache()
+    wanted = set(categories) if category == "all" else {category}
+    rows = [i for i, cats in enumerate(manifest.categories) if wanted & set(cats)]
+    if not rows:
+        raise ValueError(f"category {category!r} has no training pairs in {RENDER}/manifest.parquet")
+    idx = torch.tensor(rows)
+    cond = {k.removeprefix("cond."): v for k, v in cache.items() if k.startswith("cond.")}
+    return PairData(cache["x0_w"][idx], cache["x0_l"][idx], cond_index(cond, idx))
+
+
+ROW_SOURCES = {"anchors": load_anchors}  # the row data a term can ask for (Term.rows_from), by name

@@ -1,0 +1,113 @@
+"""The preference-training loop for one LoRA (an expert), with checkpoints it resumes from.
+
+Runs through ``accelerate``: one CPU process here, many GPUs unchanged (each process takes its share of every
+batch; gradients are averaged by the wrapper). See ``safealign.training.checkpoints`` for what a resumed run
+restores: it ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from safealign.core.io import write_csv_row
+from safealign.families.base import Family
+from safealign.training import LOSSES
+from safealign.training.checkpoints import load_checkpoint, save_checkpoint
+from safealign.training.data import AnchorData, PairData
+from safealign.training.step import preference_step
+from safealign.training.terms import LOG_TERMS, ActiveTerm, active_terms
+
+LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", *LOG_TERMS, "lr")
+
+
+def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, checkpoints: Path,
+                 log_csv: Path, desc: str = "train", rows: Mapping[str, AnchorData] | None = None) -> dict[str, float]:
+    """Train a fresh LoRA on ``data`` with the loss, terms and hyper-parameters of ``cfg`` (params.train).
+
+    ``rows``: the row data of the active terms that bring rows, by ``Term.rows_from`` (e.g. ``{"anchors": ...}``
+    when ``cfg.anchor_weight`` > 0; then they are required).
+
+    ``key`` identifies the run (params, data, base model): a checkpoint is resumed only when its key matches.
+    Returns the mean of the last 20 logged steps, read back from the log (a resumed run reports the same).
+    """
+    terms = active_terms(cfg)
+    rows = dict(rows or {})
+    for term in terms:
+        if term.rows_from and len(rows.get(term.rows_from, ())) == 0:
+            raise ValueError(f"train.{term.param} > 0 needs {term.rows_from} rows "
+                             "(the safe sides of the training pairs)")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=fam.device.type == "cpu")
+    torch.manual_seed(seed)  # the LoRA's gaussian init
+    fam.add_lora(cfg.rank, cfg.alpha, cfg.targets)
+    params = fam.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    gen = torch.Generator().manual_seed(seed)
+    start = load_checkpoint(checkpoints, key, fam, opt, gen, log_csv)
+    for _ in range(start):
+        sched.step()
+    _truncate_log(log_csv, start)
+    fam.unet, opt = accelerator.prepare(fam.unet, opt)
+    loss_fn = LOSSES.get(cfg.loss)
+    empty = fam.empty_cond(1)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        batch = data.select(idx[rank::world])
+        cond = {k: torch.where(drop[rank::world].view(-1, *[1] * (v.dim() - 1)), empty[k].to(v), v).to(fam.device)
+                for k, v in batch.cond.items()}
+        weighted = []
+        for term in terms:
+            picked = None
+            if term.rows_from:
+                src = rows[term.rows_from]
+                n = getattr(cfg, term.batch_param)
+                r = src.select(torch.randint(0, len(src), (n,), generator=gen)[rank::world])
+                picked = (r.x0.to(fam.device), {k: v.to(fam.device) for k, v in r.cond.items()})
+            weighted.append(ActiveTerm(term, getattr(cfg, term.param), picked))
+        with accelerator.autocast():
+            out = preference_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta,
+                                  gen, weighted)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(out.loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
+               "err_w": out.err_w, "err_l": out.err_l, **{c: 0.0 for c in LOG_TERMS}, "lr": sched.get_last_lr()[0]}
+        row.update({t.log_column: out.terms[t.name] for t in terms if t.log_column})
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
+        if accelerator.is_main_process:
+            write_csv_row(log_csv, row, LOG_COLUMNS)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(checkpoints, step + 1, fam, opt, gen, key, log_csv=log_csv)
+        accelerator.wait_for_everyone()
+    fam.unet = accelerator.unwrap_model(fam.unet)
+    return summarize_log(log_csv)
+
+
+def summarize_log(path: Path, last: int = 20) -> dict[str, float]:
+    """Mean loss, accuracy and margin of the last ``last`` steps in the CSV log."""
+    lines = path.read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, x.split(",")))) for x in lines[1:][-last:] if x]
+    return {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("loss", "accuracy", "margin")}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only the rows of steps <= ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    lines = path.read_text().splitlines()
+    kept = [lines[0]] + [x for x in lines[1:] if x and int(x.split(",", 1)[0]) <= step]
+    path.write_text("\n".join(kept) + "\n")

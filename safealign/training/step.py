@@ -1,0 +1,75 @@
+"""One preference-optimisation step on a batch of pairs, for any model family and any loss and terms.
+
+The preferred and rejected images of a pair share one timestep and one noise draw, and go through the denoiser
+in one batched forward pass; rows that a term brings (anchor rows) ride in the same pass, each with its own
+timestep and noise. The reference is the same denoiser with its adapters disabled, under no_grad (no second
+UNet in memory). The objective is ``reduce(loss(pairs).losses) + sum_k weight_k * term_k``
+(``safealign.training.terms``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from safealign.families.base import Cond, Family, cond_cat
+from safealign.training.losses import LossFn, PreferenceBatch, reduce
+from safealign.training.terms import ActiveTerm, TermInputs, per_sample_error
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    accuracy: float  # share of pairs with reward_w > reward_l (implicit accuracy)
+    margin: float  # mean reward_w - reward_l
+    err_w: float  # mean denoising error of the preferred images under the model
+    err_l: float
+    terms: dict[str, float] = field(default_factory=dict)  # each active term's (unweighted) value
+
+
+def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, loss_fn: LossFn, beta: float,
+                    generator: torch.Generator, terms: Sequence[ActiveTerm] = (),
+                    weight: torch.Tensor | None = None) -> StepOutput:
+    """x0_w, x0_l: (B, C, h, w) in model space; cond: the condition of each pair (B rows); ``weight``: optional
+    per-pair weights (B,) of the reduction. ``terms``: weighted extra terms, rows (x0 (A, C, h, w), cond) given
+    for the terms that bring rows."""
+    b = x0_w.shape[0]
+    t = torch.randint(0, fam.num_train_timesteps, (b,), generator=generator).to(fam.device)
+    noise = torch.randn(x0_w.shape, generator=generator).to(x0_w)
+    x0 = torch.cat([x0_w, x0_l])  # (2B, C, h, w): preferred first, then rejected
+    noise2, t2, cond2 = torch.cat([noise, noise]), torch.cat([t, t]), cond_cat([cond, cond])
+    x_t = fam.add_noise(x0, noise2, t2)
+    target = fam.target(x0, noise2, t2)
+    slices: dict[str, slice] = {}
+    for term in terms:
+        if term.rows is None:
+            continue
+        r_x0, r_cond = term.rows
+        r_t = torch.randint(0, fam.num_train_timesteps, (r_x0.shape[0],), generator=generator).to(fam.device)
+        r_noise = torch.randn(r_x0.shape, generator=generator).to(r_x0)
+        slices[term.term.name] = slice(x_t.shape[0], x_t.shape[0] + r_x0.shape[0])
+        x_t = torch.cat([x_t, fam.add_noise(r_x0, r_noise, r_t)])
+        t2, cond2 = torch.cat([t2, r_t]), cond_cat([cond2, r_cond])
+    pred = fam.predict(x_t, t2, cond2)
+    with torch.no_grad(), fam.adapters_disabled():
+        ref = fam.predict(x_t, t2, cond2)
+    err_w, err_l = per_sample_error(pred[: 2 * b], target).chunk(2)
+    ref_w, ref_l = per_sample_error(ref[: 2 * b], target).chunk(2)
+    pairs = PreferenceBatch(err_w, err_l, ref_w, ref_l, weight=weight)
+    out = loss_fn(pairs, beta)
+    loss = reduce(out.losses, weight)
+    values: dict[str, float] = {}
+    for term in terms:
+        sl = slices.get(term.term.name)
+        value = term.term(TermInputs(pairs, pred[sl] if sl else None, ref[sl] if sl else None))
+        loss = loss + term.weight * value
+        values[term.term.name] = value.item()
+    return StepOutput(
+        loss=loss,
+        accuracy=(out.reward_w > out.reward_l).float().mean().item(),
+        margin=(out.reward_w - out.reward_l).mean().item(),
+        err_w=err_w.mean().item(),
+        err_l=err_l.mean().item(),
+        terms=values,
+    )

@@ -1,0 +1,90 @@
+"""Weighted extra terms of the training objective, summed onto the preference loss (as TRL sums weighted loss
+types). Each term keeps its own params key under ``train`` for its weight; weight 0 switches it off and then it
+costs nothing. A new term is a class here and a field in ``safealign.core.params.Train``: the step and the loop
+take any list of terms, with no new parameter.
+
+A term sees a ``TermInputs``: the pairs' per-pair record (``PreferenceBatch``, differentiable) and, for a term that
+brings rows of its own (``rows_from`` names them; the loop samples ``batch_param`` of them per step), the
+trained and reference models' predictions on those rows, which ride in the same forward pass as the pairs.
+
+- ``sft`` (``train.sft_weight``): mean err_w, the denoising error of the preferred image under the condition
+  prompt, as RPO adds the chosen answer's NLL to DPO. DPO alone only asks the preferred image to become likelier
+  *relative to* the rejected one; on the toy world it walked past the safe twin (yellow -> red, another unsafe
+  colour, instead of orange). Costs no extra pass.
+- ``anchor`` (``train.anchor_weight``): on anchor rows (the safe prompts of the training pairs, with their
+  images) the mean squared difference between the trained and the reference model's predictions. The DPO loss
+  only constrains the pairs' own prompts; without it an expert that learns "red -> blue" also turns purple
+  prompts blue (measured on the toy world).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from safealign.training.losses import PreferenceBatch
+
+
+def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all but the batch dimension, in float32: (N, ...) -> (N,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def anchor_loss(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
+    """Mean over anchor rows of the squared difference between model and reference predictions (a scalar)."""
+    return per_sample_error(pred, ref_pred.detach()).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+    pairs: PreferenceBatch
+    pred: torch.Tensor | None = None  # the trained model's predictions on the term's own rows (A, ...)
+    ref: torch.Tensor | None = None  # the reference's, same rows, no gradient
+
+
+class Term:
+    name: ClassVar[str]
+    param: ClassVar[str]  # key under `train` holding the weight
+    rows_from: ClassVar[str | None] = None  # name of the row data the loop supplies (None: no rows of its own)
+    batch_param: ClassVar[str | None] = None  # key under `train`: rows per step
+    log_column: ClassVar[str | None] = None  # column of the per-step CSV log (None: not logged)
+
+    def __call__(self, inputs: TermInputs) -> torch.Tensor:  # a differentiable scalar
+        raise NotImplementedError
+
+
+class SupervisedTerm(Term):
+    name, param = "sft", "sft_weight"
+
+    def __call__(self, inputs: TermInputs) -> torch.Tensor:
+        return inputs.pairs.err_w.mean()
+
+
+class AnchorTerm(Term):
+    name, param = "anchor", "anchor_weight"
+    rows_from, batch_param, log_column = "anchors", "anchor_batch_size", "anchor"
+
+    def __call__(self, inputs: TermInputs) -> torch.Tensor:
+        assert inputs.pred is not None and inputs.ref is not None, "the anchor term needs its rows' predictions"
+        return anchor_loss(inputs.pred, inputs.ref)
+
+
+TERMS: tuple[Term, ...] = (SupervisedTerm(), AnchorTerm())  # summed in this order
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveTerm:
+    """A term with its weight, and the rows it brings this step (x0, cond) when it has rows."""
+
+    term: Term
+    weight: float
+    rows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+
+def active_terms(cfg: Any) -> list[Term]:
+    """The terms whose weight under ``cfg`` (params.train) is > 0, in summation order."""
+    return [t for t in TERMS if getattr(cfg, t.param) > 0]
+
+
+LOG_TERMS = tuple(t.log_column for t in TERMS if t.log_column)
