@@ -299,13 +299,13 @@ def llm_overrides(base_url: str, key_env: str, **options: Any) -> dict[str, Any]
 
 
 def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = None) -> Path:
-    """prompts, base, render, train@<each category> (and `all` if the merge rule is `single`, or
+    """prompts, base, render, cost, train@<each category> (and `all` if the merge rule is `single`, or
     ``train_all``), merge, align, evaluate: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
         train_all = raw["merge"]["method"] == "single"
-    for name in ("prompts", "base", "render"):
+    for name in ("prompts", "base", "render", "cost"):  # cost: SC-DPO's cost model, an align dep
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)

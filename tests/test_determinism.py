@@ -24,7 +24,7 @@ def second_run(tiny_reference: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_same_params_same_metrics(tiny_reference: Path, second_run: Path) -> None:
     files = sorted(p.relative_to(tiny_reference) for p in (tiny_reference / "metrics").rglob("*.json"))
-    assert len(files) == 1 + 1 + 7 + 1 + 1 + 1, files  # prompts, base, train x 7, merge, align, evaluate
+    assert len(files) == 1 + 1 + 7 + 1 + 1 + 1 + 1, files  # prompts, base, train x 7, merge, cost, align, evaluate
     for rel in files:
         assert json.loads((second_run / rel).read_text()) == json.loads((tiny_reference / rel).read_text()), rel
     assert file_hashes(second_run, "metrics/**/*.csv") == file_hashes(tiny_reference, "metrics/**/*.csv")

@@ -157,6 +157,31 @@ class Evaluate(Section):
         return v
 
 
+class ScDpo(Section):
+    """SC-DPO (safealign/sc_dpo): the cost model (`cost` stage) and the `sc_dpo` method's loss and training."""
+    encoder: str = Field("random_conv", description="frozen image encoder of the cost model (sc_dpo.ENCODERS)")
+    encoder_path: str = Field("", description="clip: a local CLIP ViT-L/14 folder, transformers format")
+    holdout: float = Field(0.25, gt=0, lt=1, description="share of render pairs held out to measure the cost model")
+    cost_hidden: int = Field(64, ge=1, description="hidden width of the cost head")
+    cost_steps: int = Field(300, ge=1, description="full-batch Adam steps of the cost head")
+    cost_lr: float = Field(1e-2, gt=0)
+    cost_contrast_weight: float = Field(1.0, ge=0, description="weight of the category-aware contrast")
+    cost_anchor_weight: float = Field(1.0, ge=0, description="weight of cost anchoring (safe -> 0, unsafe -> 1)")
+    cost_other_weight: float = Field(0.1, ge=0, description="weight of other categories' pairs as weak negatives")
+    cost_lambda: float = Field(1.0, ge=0, description="lambda: the cost gap's offset in the margin (0: no cost)")
+    gamma: float = Field(1.0, ge=0, description="DFM focal exponent (0: every pair weighs 1)")
+    steps: int | None = Field(None, ge=1, description="training steps of the one LoRA; null = train.steps")
+    anchor_weight: float | None = Field(None, ge=0, description="anchor term weight; null = train.anchor_weight")
+    sft_weight: float | None = Field(None, ge=0, description="supervised term weight; null = train.sft_weight")
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, v: str) -> str:
+        from safealign.sc_dpo import ENCODERS
+
+        return ENCODERS.check(v)
+
+
 class Params(Section):
     seed: int = 0
     method: str = Field("safetydpo", description="what builds the aligned model `evaluate` scores (safealign.methods)")
@@ -170,6 +195,7 @@ class Params(Section):
     train: Train = Train()
     merge: Merge = Merge()
     evaluate: Evaluate = Evaluate()
+    sc_dpo: ScDpo = ScDpo()
 
     @field_validator("method")
     @classmethod

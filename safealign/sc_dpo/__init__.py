@@ -1,0 +1,25 @@
+"""SC-DPO (Ruan et al., arXiv 2504.14290): a learned safety cost inside the preference objective, plus dynamic
+focusing of hard pairs. Our reading of a paper whose formulas are not public (``../shared/METHOD.md``); every
+concrete form here is a documented design choice.
+
+- ``loss.py``: the SC-DPO loss (pure), registered as ``train.loss: sc_dpo`` in ``safealign.training.LOSSES``;
+- ``cost.py``: the cost model's losses and metrics (pure: contrastive Bradley-Terry, category-aware contrast,
+  anchoring, AUROC, calibration error);
+- ``encoders.py``: the frozen image encoders (``ENCODERS``, ``sc_dpo.encoder``) and the trainable head;
+- ``costmodel.py``: fitting the head on the render stage's pairs, scoring images, saving and loading;
+- ``method.py``: the ``sc_dpo`` method (``METHODS``): one LoRA on all categories' pairs with the SC-DPO loss.
+
+The `cost` stage (``stages/cost.py``) writes ``COST`` (the head) and ``metrics/cost.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safealign.core.registry import Registry
+
+COST = Path("models/cost")  # the cost stage's output folder (dvc.yaml names the same path)
+
+ENCODERS: Registry[Any] = Registry("cost encoder")  # sc_dpo.encoder; factories in safealign.sc_dpo.encoders
+ENCODERS.add_lazy("random_conv", "safealign.sc_dpo.encoders:RandomConvEncoder")
+ENCODERS.add_lazy("clip", "safealign.sc_dpo.encoders:ClipEncoder")
