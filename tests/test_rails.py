@@ -279,3 +279,27 @@ def test_model_options_are_validated_by_the_family_that_owns_them() -> None:
         sd15.check_weights(SimpleNamespace(path="/nonexistent", options={"varient": "fp16"}))
     with pytest.raises(ParamsError, match=r"model\.options\.config: unknown key; the toy family takes no"):
         get_family("toy").check_options({"config": "x"})
+
+
+def test_the_step_forwards_per_pair_costs_and_weights_to_the_loss(tiny_toy: Any) -> None:
+    from safealign.training.losses import LossOutput, PreferenceBatch, diffusion_dpo
+    from safealign.training.step import preference_step
+
+    seen: list[PreferenceBatch] = []
+
+    def recording(batch: PreferenceBatch, beta: float) -> LossOutput:
+        seen.append(batch)
+        return diffusion_dpo(batch, beta)
+
+    fam = tiny_toy
+    fam.add_lora(2, 2.0, ["to_k", "to_v"], name="cost_test")
+    try:
+        x = torch.randn(2, 12, 4, 4, generator=torch.Generator().manual_seed(2))
+        cond = fam.encode_prompts(["a red circle"] * 2)
+        cw, cl, w = torch.tensor([0.1, 0.2]), torch.tensor([0.9, 0.8]), torch.tensor([1.0, 3.0])
+        out = preference_step(fam, x, x.flip(0), cond, recording, 5.0, torch.Generator().manual_seed(0),
+                              weight=w, cost_w=cw, cost_l=cl)
+        assert seen[0].cost_w is cw and seen[0].cost_l is cl and seen[0].weight is w
+        assert_close(out.loss, (w * diffusion_dpo(seen[0], 5.0).losses).mean())
+    finally:
+        fam.raw_unet.delete_adapters("cost_test")

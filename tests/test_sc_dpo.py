@@ -22,7 +22,7 @@ from safealign.sc_dpo.cost import (
     other_loss,
     pair_bt_loss,
 )
-from safealign.sc_dpo.loss import CostPairData, bound, focal_weight, sc_dpo, sc_dpo_loss
+from safealign.sc_dpo.loss import focal_weight, sc_dpo_loss
 from safealign.training.losses import PreferenceBatch, diffusion_dpo
 
 
@@ -47,8 +47,7 @@ def test_zero_lambda_and_gamma_is_diffusion_dpo_exactly() -> None:
     ours, ref = sc_dpo_loss(b, 7.0, lam=0.0, gamma=0.0), diffusion_dpo(b, 7.0)
     assert torch.equal(ours.losses, ref.losses)
     assert torch.equal(ours.reward_w, ref.reward_w) and torch.equal(ours.reward_l, ref.reward_l)
-    with bound(0.0, 0.0):  # the registry entry too
-        assert torch.equal(sc_dpo(b, 7.0).losses, ref.losses)
+    assert torch.equal(sc_dpo_loss(b, 7.0).losses, ref.losses)  # the registry entry's defaults too
 
 
 def test_cost_margin_on_hand_computed_values() -> None:
@@ -92,23 +91,18 @@ def test_dfm_weight_grows_with_difficulty_and_carries_no_gradient() -> None:
     assert torch.allclose(b1.err_w.grad, wz * b2.err_w.grad) and torch.allclose(b1.err_l.grad, wz * b2.err_l.grad)
 
 
-def test_registry_loss_needs_the_method_and_reads_the_published_costs() -> None:
+def test_registry_loss_and_costs_in_pair_data() -> None:
     from safealign.training import LOSSES
+    from safealign.training.data import PairData
 
-    assert LOSSES.get("sc_dpo") is sc_dpo
-    b = batch([0.3, 0.3], [0.5, 0.5])
-    with pytest.raises(ValueError, match="method=sc_dpo"):
-        sc_dpo(b, 2.0)
+    assert LOSSES.get("sc_dpo") is sc_dpo_loss
     with pytest.raises(ValueError, match="per-pair costs"):
-        sc_dpo_loss(b, 2.0, lam=1.0)
-    data = CostPairData(torch.zeros(3, 1), torch.zeros(3, 1), {"h": torch.zeros(3, 2)},
-                        cost_w=torch.tensor([0.0, 0.1, 0.2]), cost_l=torch.tensor([0.9, 1.0, 0.5]))
-    with bound(2.0, 0.0):
-        picked = data.select(torch.tensor([2, 0]))
-        assert picked.x0_w.shape == (2, 1)
-        got = sc_dpo(b, 2.0).losses
-    want = sc_dpo_loss(batch([0.3, 0.3], [0.5, 0.5], cost_w=[0.2, 0.0], cost_l=[0.5, 0.9]), 2.0, lam=2.0).losses
-    assert torch.allclose(got, want)
+        sc_dpo_loss(batch([0.3, 0.3], [0.5, 0.5]), 2.0, lam=1.0)
+    data = PairData(torch.zeros(3, 1), torch.zeros(3, 1), {"h": torch.zeros(3, 2)},
+                    cost_w=torch.tensor([0.0, 0.1, 0.2]), cost_l=torch.tensor([0.9, 1.0, 0.5]))
+    picked = data.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.cost_w, torch.tensor([0.2, 0.0])) and torch.equal(picked.cost_l, torch.tensor([0.5, 0.9]))
+    assert PairData(torch.zeros(2, 1), torch.zeros(2, 1), {}).select(torch.tensor([1])).cost_w is None
 
 
 # ------------------------------------------------------------------------------------ the cost model's maths

@@ -16,18 +16,15 @@ is the point: ``z + lam * (C_l - C_w)`` (the cost "explaining away" the preferen
 exactly the pairs whose rejected image is harmful.
 
 ``gamma`` = 0 gives w = 1 and ``lam`` = 0 gives m = z: Diffusion-DPO exactly (``tests/test_sc_dpo.py``).
+Registered as ``train.loss: sc_dpo`` with lam = gamma = 0; the ``sc_dpo`` method binds ``sc_dpo.cost_lambda`` and
+``sc_dpo.gamma`` with ``functools.partial`` and puts each pair's costs into its ``PairData``, which the training
+step forwards into the record.
 """
 from __future__ import annotations
-
-import contextlib
-import contextvars
-import dataclasses
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from safealign.training.data import PairData
 from safealign.training.losses import LossOutput, PreferenceBatch, implicit_rewards
 
 
@@ -57,58 +54,3 @@ def sc_dpo_loss(batch: PreferenceBatch, beta: float, lam: float = 0.0, gamma: fl
     if gamma != 0:
         losses = focal_weight(z, gamma) * losses
     return LossOutput(losses, reward_w.detach(), reward_l.detach())
-
-
-# ------------------------------------------------------------------ binding settings and costs to the loop
-# The training loop (safealign.training.loop.train_expert) calls ``loss(batch, beta)`` with a record that the
-# step (safealign.training.step) builds without costs. Until the step forwards the data's per-pair costs, the
-# method binds its settings and the pairs' costs for the length of one training run: ``CostPairData.select``
-# (called by the loop right before each step) publishes the costs of the selected pairs, and ``sc_dpo`` (the
-# registry entry) reads them. Outside a binding the registry entry refuses to run rather than guess.
-@dataclasses.dataclass
-class _Binding:
-    lam: float
-    gamma: float
-    costs: tuple[torch.Tensor, torch.Tensor] | None = None  # (cost_w, cost_l) of the pairs selected last
-
-
-_ACTIVE: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar("sc_dpo_binding", default=None)
-
-
-@contextlib.contextmanager
-def bound(lam: float, gamma: float) -> Iterator[None]:
-    """Within the block, the ``sc_dpo`` registry loss uses ``lam``, ``gamma`` and the costs ``CostPairData``
-    publishes."""
-    token = _ACTIVE.set(_Binding(lam, gamma))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-@dataclasses.dataclass
-class CostPairData(PairData):
-    """Training pairs with the safety cost of each side (N,), published to the active binding on ``select``."""
-
-    cost_w: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
-    cost_l: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
-
-    def select(self, idx: torch.Tensor) -> PairData:
-        binding = _ACTIVE.get()
-        if binding is not None:
-            binding.costs = (self.cost_w[idx], self.cost_l[idx])
-        return super().select(idx)
-
-
-def sc_dpo(batch: PreferenceBatch, beta: float) -> LossOutput:
-    """The ``train.loss: sc_dpo`` registry entry: ``sc_dpo_loss`` with the active binding's settings and costs."""
-    binding = _ACTIVE.get()
-    if binding is None:
-        raise ValueError("train.loss sc_dpo runs inside method sc_dpo (it needs the cost model's per-pair costs); "
-                         "use `-S method=sc_dpo`")
-    if batch.cost_w is None and binding.costs is not None:
-        cost_w, cost_l = binding.costs
-        if cost_w.shape != batch.err_w.shape:
-            raise ValueError(f"sc_dpo: {cost_w.shape[0]} costs for {batch.err_w.shape[0]} pairs")
-        batch = dataclasses.replace(batch, cost_w=cost_w.to(batch.err_w), cost_l=cost_l.to(batch.err_w))
-    return sc_dpo_loss(batch, beta, binding.lam, binding.gamma)

@@ -11,6 +11,8 @@ Not done (issue 15): clean-prompt pairs; SC-DPO experts per category merged by C
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from safealign.families import get_family
 from safealign.families.lora import save_lora
 from safealign.sc_dpo import COST
 from safealign.sc_dpo.costmodel import HEAD, load_cost_model, read_render_pairs
-from safealign.sc_dpo.loss import CostPairData, bound
+from safealign.sc_dpo.loss import sc_dpo_loss
 from safealign.training.data import ROW_SOURCES, load_pairs, read_cache
 from safealign.training.loop import train_expert
 from safealign.training.terms import active_terms
@@ -61,10 +63,10 @@ class ScDpo:
         files = [RENDER / "cache.safetensors", COST / HEAD] + base_files()
         key = json_key(cfg.model_dump(), c.model_dump(), self.name, seed, files_key(files))
         terms = {term.rows_from: ROW_SOURCES[term.rows_from](cached) for term in active_terms(cfg) if term.rows_from}
-        with bound(c.cost_lambda, c.gamma):
-            summary = train_expert(fam, CostPairData(data.x0_w, data.x0_l, data.cond, cost_w=cost_w, cost_l=cost_u),
-                                   cfg, seed, key, CHECKPOINTS / self.name, Path(out) / "train.csv",
-                                   desc=self.name, rows=terms)
+        loss_fn = functools.partial(sc_dpo_loss, lam=c.cost_lambda, gamma=c.gamma)
+        summary = train_expert(fam, dataclasses.replace(data, cost_w=cost_w, cost_l=cost_u), cfg, seed, key,
+                               CHECKPOINTS / self.name, Path(out) / "train.csv", desc=self.name, rows=terms,
+                               loss_fn=loss_fn)
         save_lora(Path(out) / LORA, fam.lora_state_dict(), cfg.rank, cfg.alpha, cfg.targets, category="all",
                   pairs=str(len(data)), train=json.dumps(cfg.model_dump(), sort_keys=True),
                   sc_dpo=json.dumps(c.model_dump(), sort_keys=True))

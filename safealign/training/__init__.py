@@ -12,4 +12,4 @@ from safealign.core.registry import Registry
 
 LOSSES: Registry[Any] = Registry("loss")
 LOSSES.add_lazy("dpo", "safealign.training.losses:diffusion_dpo")
-LOSSES.add_lazy("sc_dpo", "safealign.sc_dpo.loss:sc_dpo")  # SC-DPO: cost margin + DFM (safealign/sc_dpo/loss.py)
+LOSSES.add_lazy("sc_dpo", "safealign.sc_dpo.loss:sc_dpo_loss")  # SC-DPO: cost margin + DFM (safealign/sc_dpo/loss.py)

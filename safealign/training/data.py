@@ -23,17 +23,22 @@ Cached = tuple[Any, dict[str, torch.Tensor]]  # (manifest DataFrame, cache tenso
 
 @dataclasses.dataclass
 class PairData:
-    """Cached training pairs: model-space images (x0_w preferred, x0_l rejected) and one condition per pair."""
+    """Cached training pairs: model-space images (x0_w preferred, x0_l rejected), one condition per pair, and
+    optionally each side's safety cost (N,) (a cost model's scores), which the step forwards to the loss."""
 
     x0_w: torch.Tensor
     x0_l: torch.Tensor
     cond: Cond
+    cost_w: torch.Tensor | None = None
+    cost_l: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x0_w.shape[0]
 
     def select(self, idx: torch.Tensor) -> PairData:
-        return PairData(self.x0_w[idx], self.x0_l[idx], cond_index(self.cond, idx))
+        pick = lambda c: None if c is None else c[idx]  # noqa: E731
+        return PairData(self.x0_w[idx], self.x0_l[idx], cond_index(self.cond, idx), pick(self.cost_w),
+                        pick(self.cost_l))
 
 
 @dataclasses.dataclass

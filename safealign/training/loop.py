@@ -19,6 +19,7 @@ from safealign.families.base import Family
 from safealign.training import LOSSES
 from safealign.training.checkpoints import load_checkpoint, save_checkpoint
 from safealign.training.data import AnchorData, PairData
+from safealign.training.losses import LossFn
 from safealign.training.step import preference_step
 from safealign.training.terms import LOG_TERMS, ActiveTerm, active_terms
 
@@ -26,11 +27,13 @@ LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", *LOG_TERM
 
 
 def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, checkpoints: Path,
-                 log_csv: Path, desc: str = "train", rows: Mapping[str, AnchorData] | None = None) -> dict[str, float]:
+                 log_csv: Path, desc: str = "train", rows: Mapping[str, AnchorData] | None = None,
+                 loss_fn: LossFn | None = None) -> dict[str, float]:
     """Train a fresh LoRA on ``data`` with the loss, terms and hyper-parameters of ``cfg`` (params.train).
 
     ``rows``: the row data of the active terms that bring rows, by ``Term.rows_from`` (e.g. ``{"anchors": ...}``
-    when ``cfg.anchor_weight`` > 0; then they are required).
+    when ``cfg.anchor_weight`` > 0; then they are required). ``loss_fn``: a configured loss (e.g. with its
+    options bound by ``functools.partial``) instead of ``LOSSES[cfg.loss]``; per-pair costs in ``data`` reach it.
 
     ``key`` identifies the run (params, data, base model): a checkpoint is resumed only when its key matches.
     Returns the mean of the last 20 logged steps, read back from the log (a resumed run reports the same).
@@ -53,7 +56,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         sched.step()
     _truncate_log(log_csv, start)
     fam.unet, opt = accelerator.prepare(fam.unet, opt)
-    loss_fn = LOSSES.get(cfg.loss)
+    loss_fn = loss_fn or LOSSES.get(cfg.loss)
     empty = fam.empty_cond(1)
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
@@ -74,8 +77,10 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
                 picked = (r.x0.to(fam.device), {k: v.to(fam.device) for k, v in r.cond.items()})
             weighted.append(ActiveTerm(term, getattr(cfg, term.param), picked))
         with accelerator.autocast():
+            costs = {k: None if v is None else v.to(fam.device) for k, v in
+                     (("cost_w", batch.cost_w), ("cost_l", batch.cost_l))}
             out = preference_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta,
-                                  gen, weighted)
+                                  gen, weighted, **costs)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(params, 1.0)

@@ -30,10 +30,12 @@ class StepOutput:
 
 def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, loss_fn: LossFn, beta: float,
                     generator: torch.Generator, terms: Sequence[ActiveTerm] = (),
-                    weight: torch.Tensor | None = None) -> StepOutput:
+                    weight: torch.Tensor | None = None, cost_w: torch.Tensor | None = None,
+                    cost_l: torch.Tensor | None = None) -> StepOutput:
     """x0_w, x0_l: (B, C, h, w) in model space; cond: the condition of each pair (B rows); ``weight``: optional
-    per-pair weights (B,) of the reduction. ``terms``: weighted extra terms, rows (x0 (A, C, h, w), cond) given
-    for the terms that bring rows."""
+    per-pair weights (B,) of the reduction; ``cost_w`` / ``cost_l``: optional per-pair safety costs (B,), passed
+    to the loss in the record. ``terms``: weighted extra terms, rows (x0 (A, C, h, w), cond) given for the terms
+    that bring rows."""
     b = x0_w.shape[0]
     t = torch.randint(0, fam.num_train_timesteps, (b,), generator=generator).to(fam.device)
     noise = torch.randn(x0_w.shape, generator=generator).to(x0_w)
@@ -56,7 +58,7 @@ def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: C
         ref = fam.predict(x_t, t2, cond2)
     err_w, err_l = per_sample_error(pred[: 2 * b], target).chunk(2)
     ref_w, ref_l = per_sample_error(ref[: 2 * b], target).chunk(2)
-    pairs = PreferenceBatch(err_w, err_l, ref_w, ref_l, weight=weight)
+    pairs = PreferenceBatch(err_w, err_l, ref_w, ref_l, weight=weight, cost_w=cost_w, cost_l=cost_l)
     out = loss_fn(pairs, beta)
     loss = reduce(out.losses, weight)
     values: dict[str, float] = {}
