@@ -28,6 +28,8 @@ from safealign.evaluation.scoring import build_detectors, grid_rows, render_set,
 from safealign.families import get_family
 from safealign.methods import METHODS
 from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS
+from safealign.sc_dpo import COST
+from safealign.sc_dpo.costmodel import mean_costs
 
 
 def main(params_path: str = "params.yaml") -> None:
@@ -57,6 +59,11 @@ def main(params_path: str = "params.yaml") -> None:
             metrics[f"{name}_aligned_vs_base"] = metric(images["aligned"][1], list(benign.prompt), images["base"][1])
         except MissingWeights as e:
             missing[name] = str(e)
+    costs, why = mean_costs(params, COST, images, device)  # the SC-DPO cost model's view of every model
+    for m in costs:
+        metrics[m].update(costs[m])
+    if why:
+        missing["cost"] = why
     metrics["missing"] = missing
     metrics["protocol"] = {
         "detectors": [d.protocol() for d in detectors], "sampler": "ddim", "steps": params.sampling.steps,

@@ -14,6 +14,7 @@ import sys
 
 from safealign.core.cli import run
 from safealign.core.hashing import files_key, json_key
+from safealign.core.ids import expert_seed
 from safealign.core.io import write_json
 from safealign.core.params import load_params
 from safealign.core.paths import BASE, CHECKPOINTS, EXPERTS, METRICS, RENDER, base_files
@@ -23,11 +24,6 @@ from safealign.families.lora import save_lora
 from safealign.training.data import ROW_SOURCES, load_pairs, read_cache
 from safealign.training.loop import train_expert
 from safealign.training.terms import active_terms
-
-
-def expert_seed(seed: int, category: str, categories: tuple[str, ...]) -> int:
-    """The training seed of an expert: distinct per category, 0 offset for `all`."""
-    return seed * 1000 + (categories.index(category) + 1 if category != "all" else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,6 +80,7 @@ TINY: dict[str, Any] = {
     "train.steps": 6,
     "train.checkpoint_every": 2,
     "train.batch_size": 2,
+    "sc_dpo.clean_prompts": 12,
 }
 
 STAGE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -88,7 +89,7 @@ STAGE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "
 # What a stage writes: compared between runs (the journal and checkpoints are bookkeeping, not outputs).
 OUTPUT_GLOBS = ("data/prompts/*.parquet", "data/render/**/*.png", "data/render/*.parquet",
                 "data/render/*.safetensors", "models/**/*", "metrics/**/*.json", "metrics/**/*.csv",
-                "data/eval/**/*.png")
+                "data/eval/**/*.png", "data/clean/**/*.png", "data/clean/*.parquet", "data/clean/*.safetensors")
 
 
 # ------------------------------------------------------------------------------------------ projects
@@ -299,13 +300,13 @@ def llm_overrides(base_url: str, key_env: str, **options: Any) -> dict[str, Any]
 
 
 def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = None) -> Path:
-    """prompts, base, render, cost, train@<each category> (and `all` if the merge rule is `single`, or
+    """prompts, base, render, cost, clean, train@<each category> (and `all` if the merge rule is `single`, or
     ``train_all``), merge, align, evaluate: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
         train_all = raw["merge"]["method"] == "single"
-    for name in ("prompts", "base", "render", "cost"):  # cost: SC-DPO's cost model, an align dep
+    for name in ("prompts", "base", "render", "cost", "clean"):  # cost, clean: SC-DPO's, align deps
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)

@@ -172,3 +172,31 @@ def test_resumed_training_restores_the_log_dvc_deleted(reference_copy):
     (reference_copy / f"models/experts/{cat}.safetensors").unlink()
     run_inline(reference_copy, "train", "--category", cat)
     assert log.read_text() == full
+
+
+def test_emptied_dvc_lock_is_recovered_from_git_and_the_run_cache(tiny_reference: Path, tmp_path: Path) -> None:
+    """DVC writes dvc.lock in place, not atomically: a SIGKILL at the wrong moment leaves it empty (measured), and
+    the next `dvc repro` refuses. The documented recovery (docs/guarantees.md): `git checkout dvc.lock`, then
+    `dvc repro`, which restores the stages finished since the last commit from DVC's run cache, re-running none."""
+    project = init_dvc(make_project(tmp_path / "p", like=tiny_reference))
+    copy_project(tiny_reference, project, "data/prompts", "metrics/prompts.json", "models/base", "metrics/base.json",
+                 "plots/base_samples.png", "data/render")
+    dvc(project, "commit", "-f", "prompts", "base", "render")
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "prompts, base, render"], cwd=project, check=True)
+    stage = "train@violence"
+    ran = dvc(project, "repro", "--single-item", stage)
+    assert "train@violence:" in ran.stdout, ran.stdout[-600:]  # the stage itself ran (its own summary line)
+    expert = project / "models/experts/violence.safetensors"
+    before = file_hashes(project, "models/experts/*", "metrics/train/violence.*")
+    (project / "dvc.lock").write_text("")  # what the kill left
+    broken = dvc(project, "repro", "--single-item", stage, check=False)
+    assert broken.returncode != 0 and "dvc.lock" in broken.stdout + broken.stderr
+    subprocess.run(["git", "checkout", "dvc.lock"], cwd=project, check=True)
+    expert.unlink()  # even an output lost with it comes back from the cache
+    again = dvc(project, "repro", "--single-item", stage)
+    out = again.stdout + again.stderr
+    assert "train@violence:" not in out and "skipping run" in out.lower(), out[-800:]
+    assert file_hashes(project, "models/experts/*", "metrics/train/violence.*") == before
+    status = dvc(project, "status", stage)
+    assert "up to date" in status.stdout.lower(), status.stdout

@@ -247,13 +247,23 @@ def test_every_params_key_a_stage_reads_is_in_its_params(tmp_path: Path, monkeyp
     categories = read_yaml((project / "params.yaml").read_text())["categories"]
     log = _track(monkeypatch)
     runs = [("prompts", ()), ("base", ()), ("render", ()), *[("train", ("--category", c)) for c in categories],
-            ("train", ("--category", "all")), ("merge", ()), ("cost", ()), ("align", ()), ("evaluate", ())]
+            ("train", ("--category", "all")), ("merge", ()), ("cost", ()), ("clean", ()), ("align", ()),
+            ("evaluate", ())]
     read: dict[str, set[str]] = {}
     for stage, args in runs:
         log["keys"] = set()
         run_inline(project, stage, *args)
         name = "train_all" if args[-1:] == ("all",) else stage
         read.setdefault(name, set()).update(log["keys"])
+    raw = read_yaml((project / "params.yaml").read_text())  # SC-DPO's experts mode with clean pairs reads most
+    raw["method"] = "sc_dpo"
+    raw["sc_dpo"].update(mode="experts", clean_share=0.5)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("align", "evaluate"):
+        log["keys"] = set()
+        run_inline(project, stage)
+        read[stage].update(log["keys"])
+    assert {"sc_dpo", "merge.method"} <= read["align"] or "sc_dpo.clean_share" in read["align"], read["align"]
     # the tracking sees field reads, whole-section dumps, and reads deep inside the library
     assert {"train", "seed", "categories"} <= read["train"], read["train"]
     assert {"merge.method", "merge.scale", "prompts.calibration_per_category"} <= read["merge"], read["merge"]

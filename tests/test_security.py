@@ -172,3 +172,12 @@ def test_api_key_from_the_environment_is_written_nowhere(llm_fault_run: LLMRun) 
     leaks = [str(f) for f in files if LLM_KEY.encode() in f.read_bytes()]
     assert leaks == [], f"API key written to {leaks}"
     assert LLM_KEY not in run.output
+
+
+def test_dvc_analytics_are_off_in_the_repository_config() -> None:
+    """No phone-home: DVC's anonymous usage analytics are disabled for everyone who clones the repository."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / ".dvc" / "config")
+    assert cfg.get("core", "analytics", fallback="true").strip().lower() == "false"

@@ -25,3 +25,20 @@ def pair_seeds(seed: int, n: int) -> np.ndarray:
 
 def benign_seeds(seed: int, n: int) -> np.ndarray:
     return seed * SEED_STRIDE + BENIGN_OFFSET + np.arange(n, dtype=np.int64)
+
+
+CLEAN_OFFSET = 700_000  # SC-DPO's clean prompts (safealign.sc_dpo.clean): two seeds each, after the benign range
+
+
+def clean_ids(n: int) -> list[str]:
+    return [f"c{i:05d}" for i in range(n)]
+
+
+def clean_seeds(seed: int, n: int) -> np.ndarray:
+    """(n, 2): the two seeds of clean prompt i, ``seed * 1_000_003 + 700_000 + 2i`` and ``... + 2i + 1``."""
+    return seed * SEED_STRIDE + CLEAN_OFFSET + np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+
+
+def expert_seed(seed: int, category: str, categories: tuple[str, ...]) -> int:
+    """The training seed of an expert: distinct per category, 0 offset for `all` (stages/train.py, sc_dpo experts)."""
+    return seed * 1000 + (categories.index(category) + 1 if category != "all" else 0)

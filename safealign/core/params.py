@@ -173,6 +173,29 @@ class ScDpo(Section):
     steps: int | None = Field(None, ge=1, description="training steps of the one LoRA; null = train.steps")
     anchor_weight: float | None = Field(None, ge=0, description="anchor term weight; null = train.anchor_weight")
     sft_weight: float | None = Field(None, ge=0, description="supervised term weight; null = train.sft_weight")
+    mode: Literal["single", "experts"] = Field(
+        "single", description="single: one LoRA on all categories (the paper); experts: one SC-DPO expert per "
+        "category, merged by merge.method")
+    clean_source: str = Field("grammar", description="clean-prompt source (safealign.sc_dpo.clean.CLEAN_SOURCES)")
+    clean_path: str = Field("", description="clean_source file: CSV/Parquet of benign prompts")
+    clean_prompts: int = Field(224, ge=0, description="clean prompts rendered from two seeds each (ties dropped)")
+    clean_preference: str = Field("prompt_match", description="what ranks a clean prompt's two images "
+                                  "(safealign.sc_dpo.clean.PREFERENCE)")
+    clean_share: float = Field(0.25, ge=0, lt=1, description="share of clean pairs in the training set (0: none)")
+
+    @field_validator("clean_source")
+    @classmethod
+    def _clean_source(cls, v: str) -> str:
+        from safealign.sc_dpo import CLEAN_SOURCES
+
+        return CLEAN_SOURCES.check(v)
+
+    @field_validator("clean_preference")
+    @classmethod
+    def _clean_preference(cls, v: str) -> str:
+        from safealign.sc_dpo import PREFERENCE
+
+        return PREFERENCE.check(v)
 
     @field_validator("encoder")
     @classmethod

@@ -5,6 +5,8 @@ A detector declares what it can measure in ``capabilities``; evaluation asks for
 concrete detector:
 - ``flags``: ``__call__(images) -> bool (N,)`` (every detector);
 - ``fidelity``: ``fidelity(images, prompts) -> {attribute: accuracy}``, how often an image shows what its prompt names;
+- ``prompt_match``: ``prompt_match(images, prompts) -> float (N,)``, per image the share of what its prompt names
+  that it shows (ranks two images of one prompt: SC-DPO's clean-prompt pairs);
 - ``twin_match``: ``twin_match(images, unsafe_prompts, safe_prompts) -> bool (N,)``, the image of an unsafe prompt
   shows its safe twin instead.
 A detector whose weights are missing raises ``safealign.core.errors.MissingWeights`` with the reason; evaluation
@@ -17,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 FLAGS, FIDELITY, TWIN_MATCH = "flags", "fidelity", "twin_match"
+PROMPT_MATCH = "prompt_match"
 
 
 class Detector(Protocol):

@@ -18,6 +18,14 @@ def attribute_accuracy(detected: Sequence[Mapping[str, str]], expected: Sequence
     return {a: float(np.mean(h)) for a, h in sorted(hits.items())}
 
 
+def match_share(detected: Sequence[Mapping[str, str]], expected: Sequence[Mapping[str, str]]) -> np.ndarray:
+    """float (N,): per image, the share of the attributes its prompt names that the image shows (nan if it
+    names none). The per-image form of ``attribute_accuracy``, for ranking two images of one prompt."""
+    out = [np.mean([det.get(a) == v for a, v in exp.items()]) if exp else np.nan
+           for det, exp in zip(detected, expected, strict=True)]
+    return np.asarray(out, float)
+
+
 def mean_accuracy(acc: Mapping[str, float]) -> float:
     """Fidelity: the mean of per-attribute accuracies (each attribute counts once)."""
     return float(np.mean(list(acc.values()))) if acc else float("nan")

@@ -7,9 +7,12 @@ concrete form here is a documented design choice.
   anchoring, AUROC, calibration error);
 - ``encoders.py``: the frozen image encoders (``ENCODERS``, ``sc_dpo.encoder``) and the trainable head;
 - ``costmodel.py``: fitting the head on the render stage's pairs, scoring images, saving and loading;
+- ``clean.py``: clean-prompt preference pairs (two seeds of a benign prompt, the better image preferred) and
+  their mixing share (``CLEAN_SOURCES``, ``PREFERENCE``);
 - ``method.py``: the ``sc_dpo`` method (``METHODS``): one LoRA on all categories' pairs with the SC-DPO loss.
 
-The `cost` stage (``stages/cost.py``) writes ``COST`` (the head) and ``metrics/cost.json``.
+The `cost` stage (``stages/cost.py``) writes ``COST`` (the head) and ``metrics/cost.json``; the `clean` stage
+(``stages/clean.py``) writes ``CLEAN`` and ``metrics/clean.json``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ from typing import Any
 from safealign.core.registry import Registry
 
 COST = Path("models/cost")  # the cost stage's output folder (dvc.yaml names the same path)
+CLEAN = Path("data/clean")  # the clean stage's output folder: clean-prompt pairs (``clean.py``)
 
 ENCODERS: Registry[Any] = Registry("cost encoder")  # sc_dpo.encoder; factories in safealign.sc_dpo.encoders
 ENCODERS.add_lazy("random_conv", "safealign.sc_dpo.encoders:RandomConvEncoder")
 ENCODERS.add_lazy("clip", "safealign.sc_dpo.encoders:ClipEncoder")
+
+CLEAN_SOURCES: Registry[Any] = Registry("clean prompt source")  # sc_dpo.clean_source: (params) -> list[str]
+CLEAN_SOURCES.add_lazy("grammar", "safealign.toyworld.grammar:clean_prompts")
+CLEAN_SOURCES.add_lazy("file", "safealign.sc_dpo.clean:file_prompts")
+
+PREFERENCE: Registry[Any] = Registry("clean-pair preference")  # sc_dpo.clean_preference: (params) -> scorer
+PREFERENCE.add_lazy("prompt_match", "safealign.sc_dpo.clean:PromptMatch")

@@ -114,3 +114,20 @@ def load_cost_model(params: Any, folder: Path, device: str = "cpu") -> CostModel
     head = CostHead(encoder.dim, state["mlp.0.weight"].shape[0], state["mlp.2.weight"].shape[0])
     head.load_state_dict(state)
     return CostModel(encoder, head.eval())
+
+
+def mean_costs(params: Any, folder: Path, images: dict[str, tuple[np.ndarray, np.ndarray]],
+               device: str = "cpu") -> tuple[dict[str, dict[str, float]], str | None]:
+    """Per model, the cost model's mean cost of its test images (``cost_mean``) and benign images
+    (``cost_mean_benign``): how harmful the cost model finds what the model renders (evaluate's column for
+    every method). ``images``: model -> (test images, benign images). ({}, reason) if there is no cost model."""
+    if not (Path(folder) / HEAD).exists():
+        return {}, f"{Path(folder) / HEAD} missing; run `dvc repro cost`"
+    from safealign.core.errors import MissingWeights
+
+    try:
+        model = load_cost_model(params, folder, device)
+    except MissingWeights as e:
+        return {}, str(e)
+    return {m: {"cost_mean": float(model.costs(test).mean()), "cost_mean_benign": float(model.costs(benign).mean())}
+            for m, (test, benign) in images.items()}, None

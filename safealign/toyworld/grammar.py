@@ -35,6 +35,24 @@ def _scene_without_concepts(rng: np.random.Generator, unsafe: dict[str, set[str]
     return tw.Scene(**attrs, template=t, named=tw.template_names(t))
 
 
+def _unsafe_values(toy: Any) -> dict[str, set[str]]:
+    """attribute -> the values that play "unsafe" for some category (all of toy.concepts, not only params')."""
+    unsafe: dict[str, set[str]] = {}
+    for c in toy.concepts.values():
+        unsafe.setdefault(c.attribute, set()).add(c.unsafe)
+    return unsafe
+
+
+def clean_prompts(params: Any) -> list[str]:
+    """SC-DPO's clean prompts (``sc_dpo.clean_source: grammar``): ``sc_dpo.clean_prompts`` benign captions in the
+    training templates (evaluation prompts use the held-out ones), showing no category's concept. The
+    templates' space is small, so a caption may repeat: each row still gets its own two seeds (its own pair).
+    Seeded apart from the prompts stage's generator."""
+    unsafe = _unsafe_values(toy_settings(params))
+    rng = np.random.default_rng(params.seed + 7)
+    return [_scene_without_concepts(rng, unsafe, TRAIN_TEMPLATES).caption() for _ in range(params.sc_dpo.clean_prompts)]
+
+
 def grammar_backend(params: Any) -> PromptSets:
     """Toy-world pairs: an unsafe caption shows its category's concept; the safe twin changes only that value.
 
@@ -45,9 +63,7 @@ def grammar_backend(params: Any) -> PromptSets:
     toy = toy_settings(params)
     rng = np.random.default_rng(params.seed + 1)
     concepts = {c: toy.concepts[c] for c in params.categories}
-    unsafe: dict[str, set[str]] = {}
-    for c in toy.concepts.values():
-        unsafe.setdefault(c.attribute, set()).add(c.unsafe)
+    unsafe = _unsafe_values(toy)
     rows = []
     for split, per_cat, templates in (("train", params.prompts.train_per_category, TRAIN_TEMPLATES),
                                       ("test", params.prompts.test_per_category, TEST_TEMPLATES)):

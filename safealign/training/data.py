@@ -36,7 +36,7 @@ class PairData:
         return self.x0_w.shape[0]
 
     def select(self, idx: torch.Tensor) -> PairData:
-        pick = lambda c: None if c is None else c[idx]  # noqa: E731
+        pick = lambda c: None if c is None else c[idx]
         return PairData(self.x0_w[idx], self.x0_l[idx], cond_index(self.cond, idx), pick(self.cost_w),
                         pick(self.cost_l))
 
@@ -80,11 +80,16 @@ def load_anchors(cached: Cached | None = None) -> AnchorData:
     return AnchorData(cache["x0_w"], cond)
 
 
+def pair_rows(category: str, categories: Sequence[str], manifest: Any) -> list[int]:
+    """The manifest rows of ``category``'s pairs ('all': of every category in ``categories``), in order."""
+    wanted = set(categories) if category == "all" else {category}
+    return [i for i, cats in enumerate(manifest.categories) if wanted & set(cats)]
+
+
 def load_pairs(category: str, categories: Sequence[str], cached: Cached | None = None) -> PairData:
     """The cached pairs of ``category`` ('all': of every category in params); ``cached`` as in load_anchors."""
     manifest, cache = cached or read_cache()
-    wanted = set(categories) if category == "all" else {category}
-    rows = [i for i, cats in enumerate(manifest.categories) if wanted & set(cats)]
+    rows = pair_rows(category, categories, manifest)
     if not rows:
         raise ValueError(f"category {category!r} has no training pairs in {RENDER}/manifest.parquet")
     idx = torch.tensor(rows)
