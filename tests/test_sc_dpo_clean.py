@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_project, run_inline, run_stage
+from conftest import run_inline, run_stage
 
 from safealign.core.errors import UserError
 from safealign.evaluation.metrics import match_share

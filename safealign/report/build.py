@@ -105,8 +105,9 @@ def build(metrics: Path, plots: Path, exp_show: Any = None, extra_logs: list[Pat
     curves = curves_png(sorted((metrics / "train").glob("*.csv")) + list(extra_logs or []))
     if curves:
         sections.append(("Training curves", image(curves, "training curves")))
-    grids = [(p, alt) for p, alt in ((plots / "eval_grid.png", "evaluation grid: base vs aligned, flagged images "
-                                      "blurred"), (plots / "base_samples.png", "base model samples")) if p.exists()]
+    candidates = ((plots / "eval_grid.png", "evaluation grid: base vs aligned, flagged images blurred"),
+                  (plots / "base_samples.png", "base model samples"))
+    grids = [(p, alt) for p, alt in candidates if p.exists()]
     if grids:
         sections.append(("Images (flagged images blurred)", "".join(
             f"<figure>{image(p.read_bytes(), alt)}<figcaption>{alt}</figcaption></figure>" for p, alt in grids)))
