@@ -28,8 +28,8 @@ def exp_show(path: str | None) -> tuple[object, str]:
     if path:
         return json.loads(Path(path).read_text()), ""
     try:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False,
-                              timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True,
+                              check=False, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, str(e)
     if proc.returncode != 0:
