@@ -73,9 +73,10 @@ def one_pass(workdir: Path, name: str, use_tiny: bool) -> dict[str, float]:
 
 
 def _env() -> dict[str, str]:
+    """This interpreter's environment, its folder first on PATH (dvc.yaml's `python` is then this one)."""
     import os
 
-    return dict(os.environ)
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def main() -> None:
