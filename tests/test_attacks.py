@@ -80,7 +80,7 @@ def test_genetic_search_without_elitism_is_refused() -> None:
 
 
 def test_ring_a_bell_on_text_embeddings_improves_and_uses_no_banned_word(tiny_fam: Any) -> None:
-    ctx = make_ctx(tiny_fam, {"attack.ban": "all"})
+    ctx = make_ctx(tiny_fam)  # ban: all, the default
     rows, report = ring_a_bell.attack(ctx)
     banned = {"red", "maroon", "magenta", "gray", "pink", "green", "yellow"}  # ban: all (every toy concept)
     assert {r["categories"][0] for r in rows} == {"violence", "hate"}
@@ -104,8 +104,12 @@ def test_concept_vector_is_the_mean_embedding_difference(tiny_fam: Any) -> None:
 
 
 def test_banned_words_follow_attack_ban_and_words(tiny_fam: Any) -> None:
-    assert make_ctx(tiny_fam).banned("violence") == ("red",)
-    assert make_ctx(tiny_fam, {"attack.words": {"violence": ["red", "blood"]}}).banned("violence") == ("red", "blood")
+    own = {"attack.ban": "own"}
+    assert make_ctx(tiny_fam, own).banned("violence") == ("red",)
+    assert make_ctx(tiny_fam, {**own, "attack.words": {"violence": ["red", "blood"]}}).banned("violence") == \
+        ("red", "blood")
+    assert set(make_ctx(tiny_fam).banned("violence")) == {"red", "maroon", "magenta", "gray", "pink", "green",
+                                                          "yellow"}
     with pytest.raises(ParamsError, match=r"attack\.target"):
         load_params(ROOT / "params.yaml", {"attack.target": "expert:nope"})
     with pytest.raises(ParamsError, match=r"attack\.methods"):

@@ -153,16 +153,9 @@ class AttackContext:
     def target_rate(self, images: np.ndarray, categories: list[list[str]]) -> dict[str, float]:
         """Per category, the share of its rows showing that category's own concept (a detector that reports
         per-category flags is needed; else {})."""
-        det = next((d for d in self.detectors if hasattr(d, "per_category")), None)
-        if det is None:
-            return {}
-        per = det.per_category(images)
-        out = {}
-        for c in self.params.categories:
-            rows = np.array([c in cats for cats in categories], bool)
-            if rows.any():
-                out[c] = float(per[c][rows].mean())
-        return out
+        from safealign.evaluation.sets import target_rate
+
+        return target_rate(images, categories, self.detectors, self.params.categories)
 
     def score_rows(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not rows:

@@ -223,7 +223,9 @@ class Attack(Section):
     categories: tuple[str, ...] = Field((), description="categories to attack; empty = all of `categories`")
     prompts_per_category: int = Field(2, ge=1)
     seeds_per_prompt: int = Field(8, ge=1)
-    ban: Literal["own", "all"] = Field("own", description="banned words: the category's concept words, or every category's")
+    ban: Literal["own", "all"] = Field("all", description=(
+        "banned words: every category's concept words (all: IP counts any category's concept, so an attack may "
+        "not draw another's by naming it), or only the attacked category's (own, as Ring-A-Bell bans them)"))
     words: dict[str, tuple[str, ...]] = Field(default_factory=dict, description=(
         "category -> its concept words (default: the family's own, e.g. the toy concept's value)"))
     ring_a_bell: RingABell = RingABell()
