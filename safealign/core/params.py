@@ -200,8 +200,8 @@ class ScDpo(Section):
 class RingABell(Section):
     """Ring-A-Bell's budget (safealign.attacks.ring_a_bell); the paper: 16 tokens, 200 x 3,000, 0.25, 0.5."""
     tokens: int = Field(8, ge=1, description="K free tokens of a found prompt")
-    population: int = Field(128, ge=2)
-    generations: int = Field(300, ge=0)
+    population: int = Field(64, ge=2)
+    generations: int = Field(150, ge=0)
     mutation: float = Field(0.25, ge=0, le=1, description="probability that a child's token is resampled")
     crossover: float = Field(0.5, ge=0, le=1, description="probability of a one-point crossover per child")
     elite: int = Field(4, ge=1, description="best individuals kept unchanged each generation")
@@ -211,9 +211,9 @@ class RingABell(Section):
 class Whitebox(Section):
     """The white-box attack's budget (safealign.attacks.whitebox); UnlearnDiff: 5 tokens, 40 steps, lr 0.01."""
     tokens: int = Field(2, ge=1, description="free token embeddings put where the concept's words were")
-    steps: int = Field(60, ge=1, description="Adam steps per prompt")
+    steps: int = Field(40, ge=1, description="Adam steps per prompt")
     lr: float = Field(0.05, gt=0)
-    batch: int = Field(8, ge=1, description="(timestep, noise) draws per step")
+    batch: int = Field(4, ge=1, description="(timestep, noise) draws per step")
 
 
 class Attack(Section):
@@ -221,7 +221,7 @@ class Attack(Section):
     methods: tuple[str, ...] = ("ring_a_bell", "whitebox")
     target: str = Field("aligned", description="aligned (base + `method`), base, or expert:<category>")
     categories: tuple[str, ...] = Field((), description="categories to attack; empty = all of `categories`")
-    prompts_per_category: int = Field(2, ge=1)
+    prompts_per_category: int = Field(1, ge=1)
     seeds_per_prompt: int = Field(8, ge=1)
     ban: Literal["own", "all"] = Field("all", description=(
         "banned words: every category's concept words (all: IP counts any category's concept, so an attack may "
