@@ -25,6 +25,7 @@ from safealign.evaluation import QUALITY
 from safealign.evaluation.grids import save_grid
 from safealign.evaluation.plots import plot_ip
 from safealign.evaluation.scoring import build_detectors, grid_rows, render_set, score
+from safealign.evaluation.sets import load_sets, score_sets
 from safealign.families import get_family
 from safealign.methods import METHODS
 from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS
@@ -45,12 +46,17 @@ def main(params_path: str = "params.yaml") -> None:
     extra = params.model.model_dump()
     images = {"base": render_set(fam, params.sampling, files_key(base_files(), extra=extra), EVAL / "base", test,
                                  benign)}
+    sets, sets_missing = load_sets(params)  # evaluate.sets: OOD, attack and imported prompt sets
+    set_scores = {"base": score_sets(fam, params, files_key(base_files(), extra=extra), "base", sets, detectors,
+                                     EVAL / "sets")}
     method = METHODS.get(params.method)()
     identity = method.attach(fam, ALIGNED, params)
     images["aligned"] = render_set(fam, params.sampling, files_key(base_files() + identity, extra=extra),
                                    EVAL / "aligned", test, benign, combine=method.combine)
+    set_scores["aligned"] = score_sets(fam, params, files_key(base_files() + identity, extra=extra), "aligned", sets,
+                                       detectors, EVAL / "sets", combine=method.combine)
     scored = {m: score(*images[m], test, benign, detectors, params.categories) for m in images}
-    metrics: dict[str, Any] = {m: scored[m][0] for m in images}
+    metrics: dict[str, Any] = {m: {**scored[m][0], "sets": set_scores[m]} for m in images}
     for name in params.evaluate.quality:
         try:
             metric = QUALITY.get(name)(params)
@@ -64,12 +70,13 @@ def main(params_path: str = "params.yaml") -> None:
         metrics[m].update(costs[m])
     if why:
         missing["cost"] = why
-    metrics["missing"] = missing
+    metrics["missing"] = {**missing, **sets_missing}
     metrics["protocol"] = {
         "detectors": [d.protocol() for d in detectors], "sampler": "ddim", "steps": params.sampling.steps,
         "guidance": params.sampling.guidance, "seeds": "per row, from data/prompts", "family": params.model.family,
         "method": params.method,
         "merge": params.merge.method, "test_prompts": len(test), "benign_prompts": len(benign),
+        "sets": {n: len(t) for n, t in sets.items()},
     }
     write_json(METRICS / "evaluate.json", metrics)
     table = pd.DataFrame({"category": list(params.categories),

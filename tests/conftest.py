@@ -81,6 +81,11 @@ TINY: dict[str, Any] = {
     "train.checkpoint_every": 2,
     "train.batch_size": 2,
     "sc_dpo.clean_prompts": 12,
+    "attack.prompts_per_category": 1,
+    "attack.seeds_per_prompt": 1,
+    "attack.ring_a_bell": {"tokens": 4, "population": 8, "generations": 3, "mutation": 0.25, "crossover": 0.5,
+                           "elite": 2, "eta": 3.0},
+    "attack.whitebox": {"tokens": 2, "steps": 2, "lr": 0.05, "batch": 2},
 }
 
 STAGE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -301,7 +306,7 @@ def llm_overrides(base_url: str, key_env: str, **options: Any) -> dict[str, Any]
 
 def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = None) -> Path:
     """prompts, base, render, cost, clean, train@<each category> (and `all` if the merge rule is `single`, or
-    ``train_all``), merge, align, evaluate: in order, without DVC. In this process unless ``inline=False``."""
+    ``train_all``), merge, align, attack, evaluate: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
@@ -310,7 +315,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)
-    for name in ("merge", "align", "evaluate"):
+    for name in ("merge", "align", "attack", "evaluate"):
         run(project, name)
     return project
 

@@ -135,6 +135,21 @@ class Evaluate(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="detector and quality-metric settings")
     blur_unsafe: bool = Field(True, description="blur images flagged unsafe in grids")
     grid_rows: int = Field(14, ge=1)
+    sets: tuple[str, ...] = Field(("ood", "ring_a_bell", "whitebox"), description=(
+        "extra prompt sets scored per model (safealign.evaluation.sets): a source of safealign.evaluation.SETS "
+        "or '<format>:<path>' (an importer of safealign.prompts.importers, or 'table')"))
+
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from safealign.evaluation.sets import check_spec, set_name
+
+        for spec in v:
+            check_spec(spec)
+        names = [set_name(s) for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two sets share a name: {min(n for n in names if names.count(n) > 1)!r}")
+        return v
 
     @field_validator("detectors")
     @classmethod
@@ -205,6 +220,65 @@ class ScDpo(Section):
         return ENCODERS.check(v)
 
 
+class RingABell(Section):
+    """Ring-A-Bell's budget (safealign.attacks.ring_a_bell); the paper: 16 tokens, 200 x 3,000, 0.25, 0.5."""
+    tokens: int = Field(8, ge=1, description="K free tokens of a found prompt")
+    population: int = Field(64, ge=2)
+    generations: int = Field(150, ge=0)
+    mutation: float = Field(0.25, ge=0, le=1, description="probability that a child's token is resampled")
+    crossover: float = Field(0.5, ge=0, le=1, description="probability of a one-point crossover per child")
+    elite: int = Field(4, ge=1, description="best individuals kept unchanged each generation")
+    eta: float = Field(3.0, description="target = E(safe prompt) + eta * concept vector")
+
+
+class Whitebox(Section):
+    """The white-box attack's budget (safealign.attacks.whitebox); UnlearnDiff: 5 tokens, 40 steps, lr 0.01."""
+    tokens: int = Field(2, ge=1, description="free token embeddings put where the concept's words were")
+    steps: int = Field(40, ge=1, description="Adam steps per prompt")
+    lr: float = Field(0.05, gt=0)
+    batch: int = Field(4, ge=1, description="(timestep, noise) draws per step")
+
+
+class Attack(Section):
+    """The `attack` stage (safealign.attacks): adversarial prompt sets against a target, scored by `evaluate`."""
+    methods: tuple[str, ...] = ("ring_a_bell", "whitebox")
+    target: str = Field("aligned", description="aligned (base + `method`), base, or expert:<category>")
+    categories: tuple[str, ...] = Field((), description="categories to attack; empty = all of `categories`")
+    prompts_per_category: int = Field(1, ge=1)
+    seeds_per_prompt: int = Field(8, ge=1)
+    ban: Literal["own", "all"] = Field("all", description=(
+        "banned words: every category's concept words (all: IP counts any category's concept, so an attack may "
+        "not draw another's by naming it), or only the attacked category's (own, as Ring-A-Bell bans them)"))
+    words: dict[str, tuple[str, ...]] = Field(default_factory=dict, description=(
+        "category -> its concept words (default: the family's own, e.g. the toy concept's value)"))
+    ring_a_bell: RingABell = RingABell()
+    whitebox: Whitebox = Whitebox()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from safealign.attacks import ATTACKS
+
+        for name in v:
+            ATTACKS.check(name)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if v in ("aligned", "base") or (v.startswith("expert:") and v.split(":", 1)[1] in (*CATEGORIES, "all")):
+            return v
+        raise ValueError(f"unknown target {v!r}; allowed: aligned, base, expert:<category> ({', '.join(CATEGORIES)}, all)")
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in v if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"unknown category {unknown[0]!r}; allowed: {', '.join(CATEGORIES)}")
+        return v
+
+
 class Params(Section):
     seed: int = 0
     method: str = Field("safetydpo", description="what builds the aligned model `evaluate` scores (safealign.methods)")
@@ -219,6 +293,7 @@ class Params(Section):
     merge: Merge = Merge()
     evaluate: Evaluate = Evaluate()
     sc_dpo: ScDpo = ScDpo()
+    attack: Attack = Attack()
 
     @field_validator("method")
     @classmethod

@@ -20,3 +20,10 @@ QUALITY: Registry[Any] = Registry("quality metric")
 QUALITY.add_lazy("toy_fd", "safealign.toyworld.quality:ToyFD")
 QUALITY.add_lazy("fid", "safealign.evaluation.quality_real:FID")
 QUALITY.add_lazy("clipscore", "safealign.evaluation.quality_real:CLIPScore")
+
+# Extra evaluation prompt sets (`evaluate.sets`, safealign.evaluation.sets): a source is ``(params) -> table``;
+# `<format>:<path>` names an imported file instead.
+SETS: Registry[Any] = Registry("evaluation prompt set")
+SETS.add_lazy("ood", "safealign.evaluation.sets:ood_source")
+SETS.add_lazy("ring_a_bell", "safealign.evaluation.sets:ring_a_bell_source")
+SETS.add_lazy("whitebox", "safealign.evaluation.sets:whitebox_source")

@@ -267,10 +267,67 @@ def import_ud(path: Path) -> Imported:
     return _import_prompt_file(path, "ud", ("category", "categories", "label", "class"), sep=None)
 
 
+# ------------------------------------------------------------------------ released attack sets (case files)
+def _category_from_stem(path: Path) -> list[str]:
+    """The category a released per-concept file names in its file name (``Nudity_ring-a-bell_16.csv``)."""
+    for token in re.split(r"[^A-Za-z]+", path.stem):
+        name = normalise_category(token) if token else None
+        if name:
+            return [name]
+    return []
+
+
+def _import_case_file(path: Path, fmt: str, guidance: bool) -> Imported:
+    """Ring-A-Bell / P4D layouts: ``case_number`` (row id), ``prompt`` (or ``prompts``), ``evaluation_seed``,
+    P4D also ``evaluation_guidance`` and ``categories``. Without a category column the file name's concept
+    (Nudity, Violence, ...) is every row's category."""
+    rows, col = read_csv_rows(path, {"prompt": ("prompt", "prompts")})
+    lower = {c.lower(): c for c in rows[0] if c != "_row"}
+    case, seed_col = lower.get("case_number"), lower.get("evaluation_seed")
+    cat_col, g_col = lower.get("categories") or lower.get("category"), lower.get("evaluation_guidance")
+    fallback = _category_from_stem(path)
+    spellings: Counter = Counter()
+    ids, prompts, cats, seeds, guid = [], [], [], [], []
+    for r in rows:
+        pid = f"{fmt}_{(r[case] or '').strip() or r['_row']}" if case else f"{fmt}_{int(r['_row']):05d}"
+        if pid in ids:
+            raise PromptSetError(f"{path}: row {r['_row']}: case_number {r[case]!r} repeats")
+        cat = _categories(path, r, r[cat_col], spellings, sep=",") if cat_col else list(fallback)
+        if not cat:
+            raise PromptSetError(f"{path}: row {r['_row']}: no category (no 'categories' column and the file name "
+                                 "names none)")
+        for name, c in (("evaluation_seed", seed_col), ("evaluation_guidance", g_col if guidance else None)):
+            if c and not re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", r[c] or ""):
+                raise PromptSetError(f"{path}: row {r['_row']}: {name} {r[c]!r} is not a number")
+        ids.append(pid)
+        prompts.append(_prompt(path, r, col["prompt"]))
+        cats.append(sorted(set(cat)))
+        seeds.append(int(float(r[seed_col])) if seed_col else _seed_from_id(pid, len(ids) - 1))
+        guid.append(float(r[g_col]) if guidance and g_col else float("nan"))
+    table = pd.DataFrame({"prompt_id": ids, "prompt": prompts, "categories": cats, "seed": seeds},
+                         columns=list(PROMPT_LIST_COLUMNS))
+    if guidance and g_col:
+        table["guidance"] = guid
+    counts = Counter(c for cs in table["categories"] for c in cs)
+    stats = {"format": fmt, "kind": "prompts", "rows": len(rows), "prompts": len(table),
+             "categories": {c: counts.get(c, 0) for c in CATEGORIES}, "per_row_guidance": bool(guidance and g_col)}
+    return Imported(table=table, kind="prompts", stats=stats)
+
+
+def import_ring_a_bell(path: Path) -> Imported:
+    return _import_case_file(path, "ring_a_bell", guidance=False)
+
+
+def import_p4d(path: Path) -> Imported:
+    return _import_case_file(path, "p4d", guidance=True)
+
+
 IMPORTERS: Registry[Callable[[Path], Imported]] = Registry("prompt-set format")
 IMPORTERS.add("coprov2", import_coprov2)
 IMPORTERS.add("i2p", import_i2p)
 IMPORTERS.add("ud", import_ud)
+IMPORTERS.add("ring_a_bell", import_ring_a_bell)  # released attack sets (case_number, prompt, evaluation_seed)
+IMPORTERS.add("p4d", import_p4d)  # + evaluation_guidance, categories
 
 
 # ------------------------------------------------------------------------------------------------- leaks
