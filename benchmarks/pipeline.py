@@ -34,10 +34,12 @@ def burn() -> None:  # one busy core
 
 def tiny(clone: Path) -> None:
     """The test suite's tiny settings (tests/conftest.py TINY), for a quick check of this script."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_params  # noqa: PLC0415
+    import importlib.util
 
-    write_params(clone)  # the repository's params.yaml with TINY applied
+    spec = importlib.util.spec_from_file_location("bench_conftest", clone / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)  # the clone's own, so params match the code measured
+    conftest.write_params(clone)  # the clone's params.yaml with TINY applied
     subprocess.run(["git", "commit", "-qam", "tiny"], cwd=clone, check=True)
 
 
