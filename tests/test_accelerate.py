@@ -14,6 +14,10 @@ from torch.testing import assert_close
 
 pytest.importorskip("accelerate")
 
+# LAUNCH: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15's simple launcher; CPU
+# multi-process through it needs MPI). `--multi_gpu --num_processes 2` starts two through torch.distributed.run,
+# and the Accelerator of a CPU run (runtime.device cpu) then joins them with gloo (MULTI_CPU).
+
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -32,14 +36,15 @@ def test_two_processes_train_the_same_expert_as_one(rendered: Path) -> None:
     shutil.rmtree(rendered / "checkpoints")  # else the second run would resume from the first one's checkpoints
     (rendered / "metrics/train/hate.csv").unlink()
     (rendered / "models/experts/hate.safetensors").unlink()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "stages.train", "--category", "hate"]
-    run_command(rendered, launch, timeout=600)
+    done = run_command(rendered, launch, timeout=600)
+    assert "2 process(es)" in done.stdout  # two processes did train (see LAUNCH)
     two = load_file(rendered / "models/experts/hate.safetensors")
     assert one.keys() == two.keys() and len(one) > 0
     for k in one:
-        assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
+        assert_close(two[k], one[k], atol=1e-4, rtol=1e-3)  # 6 AdamW steps: sums in another order, measured 1.3e-5
     assert any((v.abs() > 0).any() for k, v in one.items() if "lora_B" in k)  # it trained: B moved off zero
     rows_one = [line.split(",") for line in log_one.splitlines()[1:]]
     rows_two = [line.split(",") for line in (rendered / "metrics/train/hate.csv").read_text().splitlines()[1:]]
@@ -52,7 +57,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused(rendered: Path, tmp_path:
     project = make_project(tmp_path / "p", like=rendered, overrides={"train.batch_size": 3})
     for part in ("data", "models"):
         shutil.copytree(rendered / part, project / part, dirs_exist_ok=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "stages.train", "--category", "hate"]
     done = run_command(project, launch, check=False, timeout=600)
