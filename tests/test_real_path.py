@@ -250,8 +250,8 @@ def test_grammar_prompts_with_a_real_family_are_refused(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the documentation
 def test_documented_options_overrides_use_the_form_dvc_accepts(tmp_path: Path) -> None:
-    """`dvc exp run -S 'model.options={...}'` fails in DVC (`Could not override 'model.options'`: hydra cannot
-    replace the `{}` default with a dict that way); `++model.options={...}` works. The docs show the working form,
+    """`dvc exp run -S 'model.options={...}'` fails in DVC (`Could not override 'model.options'`, while the
+    value is the `{}` default); `++model.options={...}` works. The docs show the working form,
     and both forms behave as said through DVC's own override code."""
     from dvc.utils.hydra import apply_overrides
 
