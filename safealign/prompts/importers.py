@@ -10,8 +10,8 @@ Formats (registry ``IMPORTERS``), each ``(path) -> Imported``:
   ``sd_seed`` and ``sd_guidance_scale`` where the file has them.
 - ``ud``: a prompt column and a category column (UnsafeDiffusion's names: sexually explicit, violent, ...).
 
-The prompt column is the first of ``PROMPT_COLUMN_NAMES`` the header has (published copies of I2P and UD name it
-``caption``), or the one named by ``prompt_column`` (``--prompt-column``); the report says which it read
+The prompt column of I2P and UD files is the first of ``PROMPT_COLUMN_NAMES`` the header has (published copies
+name it ``caption``), of CoProV2 files ``prompt``; or the one named by ``prompt_column`` (``--prompt-column``); the report says which it read
 (``columns``). Per-row seeds (``SEED_COLUMN_NAMES``) and guidance scales (``GUIDANCE_COLUMN_NAMES``) are carried
 into the ``seed`` and ``guidance`` columns (``guidance`` only when the file has one; a row without a value gets
 the run's ``sampling.guidance`` at evaluation).
@@ -150,12 +150,12 @@ def _seed_from_id(pid: str, fallback: int) -> int:
 _PAIR_ID = re.compile(r"^(?P<side>[us])_(?P<id>.+?)(?:\.\w{2,4})?$")
 
 
-def _prompt_names(prompt_column: str | None) -> tuple[str, ...]:
-    return (prompt_column.strip().lower(),) if prompt_column else PROMPT_COLUMN_NAMES
+def _prompt_names(prompt_column: str | None, default: tuple[str, ...] = PROMPT_COLUMN_NAMES) -> tuple[str, ...]:
+    return (prompt_column.strip().lower(),) if prompt_column else default
 
 
 def import_coprov2(path: Path, prompt_column: str | None = None) -> Imported:
-    rows, col = read_csv_rows(path, {"prompt": _prompt_names(prompt_column), "image": ("image",),
+    rows, col = read_csv_rows(path, {"prompt": _prompt_names(prompt_column, ("prompt",)), "image": ("image",),
                                      "category": ("category",)})
     prefixed = [bool(_PAIR_ID.match(r[col["image"]].strip())) for r in rows]
     if any(prefixed) and not all(prefixed):
