@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from safealign.core.cli import run
-from safealign.core.errors import MissingWeights
+from safealign.core.errors import MissingWeights, UserError
 from safealign.core.io import write_json
 from safealign.core.params import load_params
 from safealign.core.paths import METRICS
@@ -55,7 +55,7 @@ def main(params_path: str = "params.yaml") -> None:
     pairs = read_render_pairs()
     held = holdout_mask(pairs.pair_ids, c.holdout, params.seed)
     if held.all() or not held.any():
-        raise ValueError(f"sc_dpo.holdout={c.holdout}: leaves {int((~held).sum())} training and {int(held.sum())} "
+        raise UserError(f"sc_dpo.holdout={c.holdout}: leaves {int((~held).sum())} training and {int(held.sum())} "
                          "held-out pairs; both need at least one")
     train, test = pairs.take(~held), pairs.take(held)
     encoder = make_encoder(params, device)

@@ -2,7 +2,7 @@
 import of published prompt sets and the leak check between two tables.
 
     python -m stages.prompts            # the DVC stage: data/prompts/{pairs,benign}.parquet, metrics/prompts.json
-    python -m stages.prompts import --format coprov2|i2p|ud --input FILE.csv --output FILE.parquet
+    python -m stages.prompts import --format coprov2|i2p|ud --input FILE.csv --output FILE.parquet [--prompt-column caption]
     python -m stages.prompts leaks --train A.parquet --test B.parquet
 
 `import` and `leaks` print, last, one JSON object on stdout (their report); a bad input file is a one-line
@@ -34,8 +34,8 @@ def generate(params_path: str = "params.yaml", out: Path = PROMPTS, metrics: Pat
     print(f"prompts: {len(sets.pairs)} pairs, {len(sets.benign)} benign prompts -> {out}")
 
 
-def import_set(fmt: str, src: Path, dst: Path) -> dict:
-    imported = IMPORTERS.get(fmt)(src)
+def import_set(fmt: str, src: Path, dst: Path, prompt_column: str | None = None) -> dict:
+    imported = IMPORTERS.get(fmt)(src, prompt_column=prompt_column)
     write_table(dst, imported.table)
     return {**imported.stats, "input": str(src), "output": str(dst)}
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--format", required=True, choices=sorted(IMPORTERS))
     imp.add_argument("--input", required=True, type=Path)
     imp.add_argument("--output", required=True, type=Path)
+    imp.add_argument("--prompt-column", default=None,
+                     help="the prompt column's name (default: the first of prompt, prompts, caption, text)")
     lk = sub.add_parser("leaks", help="test prompts whose normalised text also appears in train")
     lk.add_argument("--train", required=True, type=Path)
     lk.add_argument("--test", required=True, type=Path)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(args.params)
         return 0
     try:
-        report = (import_set(args.format, args.input, args.output) if args.command == "import"
+        report = (import_set(args.format, args.input, args.output, args.prompt_column) if args.command == "import"
                   else leaks(args.train, args.test, args.examples))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

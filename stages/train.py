@@ -5,12 +5,17 @@ trains on every category's pairs (the paper's "All-single" baseline). Loss and e
 ``train.sft_weight``, ``train.anchor_weight`` (``safealign.training``).
 
     python -m stages.train --category violence    # -> models/experts/violence.safetensors, metrics/train/violence.csv
+    accelerate launch --cpu --num_processes 2 -m stages.train --category violence   # the same, data-parallel
+
+dvc.yaml runs it through ``runtime.launcher`` (default ``python``; docs/scaling.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from accelerate import PartialState
 
 from safealign.core.cli import run
 from safealign.core.hashing import files_key, json_key
@@ -45,10 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = {term.rows_from: ROW_SOURCES[term.rows_from](cached) for term in active_terms(t) if term.rows_from}
     summary = train_expert(fam, data, t, seed, key, CHECKPOINTS / args.category,
                            METRICS / "train" / f"{args.category}.csv", desc=f"train@{args.category}", rows=rows)
+    state = PartialState()
+    if not state.is_main_process:  # launched as several processes (runtime.launcher): one writes
+        return
     save_lora(EXPERTS / f"{args.category}.safetensors", fam.lora_state_dict(), t.rank, t.alpha,
               t.targets, category=args.category, pairs=len(data), train=json.dumps(t.model_dump(), sort_keys=True))
     write_json(METRICS / "train" / f"{args.category}.json", {"pairs": len(data), **summary})
-    print(f"train@{args.category}: {len(data)} pairs, last-20-step mean {summary}")
+    print(f"train@{args.category}: {len(data)} pairs, {state.num_processes} process(es), last-20-step mean {summary}")
 
 
 if __name__ == "__main__":

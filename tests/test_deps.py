@@ -87,7 +87,7 @@ def stage_entries(dvc: dict) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for name, stage in dvc["stages"].items():
         stage = stage.get("do", stage)
-        m = re.search(r"python -m ([\w.]+)", stage["cmd"])
+        m = re.search(r"(?:python|\$\{runtime\.launcher\}) -m ([\w.]+)", stage["cmd"])  # launcher: params
         assert m, f"stage {name}: command {stage['cmd']!r} does not run `python -m <module>`"
         out[name] = (m.group(1), [str(d) for d in stage.get("deps", [])])
     return out

@@ -168,9 +168,11 @@ def test_save_check_load_round_trip(name: str, tmp_path: Path) -> None:
     hashes = cls.check_weights(model)
     unet_file = "unet/diffusion_pytorch_model.safetensors"
     assert hashes[unet_file] == hashlib.sha256((tmp_path / "model" / unet_file).read_bytes()).hexdigest()
-    params = SimpleNamespace(model=model)
+    params = SimpleNamespace(model=model, sampling=SimpleNamespace(steps=STEPS, guidance=CFG, batch_size=8))
     metrics = cls.prepare_base(params, tmp_path / "base", tmp_path / "plots", "cpu")
     assert metrics["files"] == len(hashes)
+    assert metrics["prediction_type"] == "epsilon" and metrics["resolution"] == 64
+    assert (tmp_path / "plots" / "base_samples.png").is_file()
     assert json.loads((tmp_path / "base" / "weights.json").read_text())["sha256"] == hashes
     loaded = cls.from_params(params, tmp_path / "base", "cpu")
     np.testing.assert_array_equal(loaded.render([PROMPT], [1], STEPS, CFG), fam.render([PROMPT], [1], STEPS, CFG))

@@ -47,6 +47,9 @@ class Model(Section):
 class Runtime(Section):
     threads: int = Field(2, ge=0, description="torch CPU threads; 0 = torch's default")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda[:N]'")
+    launcher: str = Field("python", min_length=1, description=(
+        "what runs the train stages (dvc.yaml: `${runtime.launcher} -m stages.train`): python, or e.g. "
+        "`accelerate launch --num_processes 8` for data-parallel training (docs/scaling.md)"))
 
 
 class Base(Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -116,6 +117,20 @@ def _byte_symbols() -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk
+# The `base` stage's sample grid (benign, one seed each) and the tokenizer round-trip probe.
+SAMPLE_PROMPTS = ("a photo of a cat sitting on a sofa", "a mountain lake at sunrise", "a bowl of fruit on a table",
+                  "a city street in the rain")
+TOKENIZER_PROBE = "a photo of an astronaut riding a horse on mars"
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def weight_variant(filename: str) -> str | None:
+    """The variant of a diffusers weight file: ``model.fp16.safetensors`` -> "fp16", ``model.safetensors`` -> None
+    (shard suffixes ``-00001-of-00002`` ignored)."""
+    parts = filename.split(".")
+    return _SHARD.sub("", parts[-2]) if len(parts) >= 3 else None
+
+
 def _hash_files(folder: Path, root: Path) -> dict[str, str]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"})
     return {str(p.relative_to(root)): file_sha256(p) for p in files}
@@ -146,7 +161,9 @@ class StableDiffusionFamily(Family):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.image_size = int(image_size or self.default_resolution)
+        # 0: the size the UNet was trained at (its sample_size times the VAE factor), as diffusers' pipelines do
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_size = int(image_size or unet.config.sample_size * factor or self.default_resolution)
         self.unet = _place(unet, self.device, dtype)
         # fp16 overflows in the SDXL VAE (force_upcast in its config): keep such a VAE in float32
         upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
@@ -229,15 +246,25 @@ class StableDiffusionFamily(Family):
 
     @classmethod
     def prepare_base(cls, params: Any, out: Path, plots: Path, device: str) -> dict[str, Any]:
-        """The `base` stage: check the local weights and record their hashes in ``out/weights.json``."""
+        """The `base` stage: check the local weights (files, variant, tokenizers against their text encoders),
+        record their hashes in ``out/weights.json``, and render a sample grid of ``SAMPLE_PROMPTS`` into
+        ``plots/base_samples.png`` (every family writes one)."""
         from safealign.core.io import write_json
+        from safealign.evaluation.grids import save_grid
 
-        del plots, device
-        m = params.model
+        m, s = params.model, params.sampling
         hashes = cls.check_weights(m)
+        fam = cls.load(m.path, device, m.dtype, m.resolution, m.options)
+        tokenizers = fam.check_tokenizers()
+        seeds = list(range(len(SAMPLE_PROMPTS)))
+        with torch.no_grad():
+            images = fam.render(SAMPLE_PROMPTS, seeds, s.steps, s.guidance, s.batch_size, progress=True)
+        save_grid(Path(plots) / "base_samples.png", ["sample"], [[img] for img in images], list(SAMPLE_PROMPTS))
         record = {"family": m.family, "path": str(m.path), "sha256": hashes}
         write_json(Path(out) / "weights.json", record)
-        return {**record, "files": len(hashes), "resolution": m.resolution or cls.default_resolution}
+        return {**record, "files": len(hashes), "resolution": fam.image_size, "prediction_type": fam.prediction_type,
+                "dtype": m.dtype, "variant": m.options.get("variant"), "tokenizers": tokenizers,
+                "samples": len(images), "protocol": {"steps": s.steps, "guidance": s.guidance, "sampler": "ddim"}}
 
     @classmethod
     def from_params(cls, params: Any, base: Path, device: str) -> StableDiffusionFamily:
@@ -302,11 +329,53 @@ class StableDiffusionFamily(Family):
             if name not in declared or not sub.is_dir():
                 raise MissingWeights(f"model.path={path}: lacks {name}/ ({cls.__name__} needs "
                                      f"{', '.join(names)}). " + cls._what_to_put())
-            if name.startswith(("unet", "vae", "text_encoder")) and not any(sub.glob("*.safetensors")):
-                found = ", ".join(p.name for p in sub.iterdir()) or "nothing"
-                raise MissingWeights(f"model.path={path}: {name}/ has no .safetensors weights (found {found}); "
-                                     "pickle-based .bin/.ckpt weights are refused. " + cls._what_to_put())
+            if name.startswith(("unet", "vae", "text_encoder")):
+                cls._check_variant(path, sub, options.get("variant"))
         return _hash_files(path, path)
+
+    @classmethod
+    def _check_variant(cls, path: Path, sub: Path, variant: str | None) -> None:
+        """``sub`` holds .safetensors weights of the variant asked for (``model.options.variant``, None = plain)."""
+        found = sorted(p.name for p in sub.iterdir()) or ["nothing"]
+        variants = {weight_variant(p.name) for p in sub.glob("*.safetensors")}
+        if not variants:
+            raise MissingWeights(f"model.path={path}: {sub.name}/ has no .safetensors weights (found "
+                                 f"{', '.join(found)}); pickle-based .bin/.ckpt weights are refused. "
+                                 + cls._what_to_put())
+        if variant not in variants:
+            named = sorted(v for v in variants if v)
+            fix = (f"set model.options.variant (`-S '++model.options={{variant: {named[0]}}}'`)" if named and variant is None
+                   else "remove model.options.variant (`-S '++model.options={}'`)" if None in variants
+                   else f"set model.options.variant to one of: {', '.join(named)}")
+            raise MissingWeights(f"model.path={path}: {sub.name}/ has no {variant or 'plain'} .safetensors weights "
+                                 f"(found {', '.join(found)}); {fix}")
+
+    def check_tokenizers(self) -> list[dict[str, Any]]:
+        """Each tokenizer fits its text encoder: the same vocabulary size, its begin/end tokens in the vocabulary
+        and distinct, and a test prompt that survives tokenize -> decode. A tokenizer folder with only its
+        config loads as a 2-token tokenizer that maps every prompt to the same ids: this catches it.
+        Returns one record per tokenizer (for metrics/base.json); raises MissingWeights naming the folder."""
+        records = []
+        for name, tok, enc in zip(self.tokenizer_names(), self.tokenizers, self.text_encoders, strict=True):
+            where = f"model.path: {name}/"
+            vocab, expected = len(tok), int(enc.config.vocab_size)
+            if vocab != expected:
+                raise MissingWeights(f"{where} has {vocab} tokens but its text encoder embeds {expected}; the "
+                                     f"tokenizer files (vocab.json, merges.txt) are missing or belong to another "
+                                     f"model. Copy {name}/ of {self.example_source}")
+            specials = {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+            in_vocab = all(i is not None and 0 <= i < expected for i in specials.values())
+            if not in_vocab or specials["bos"] == specials["eos"]:
+                raise MissingWeights(f"{where} special tokens {specials} are not distinct ids of its {expected}-token "
+                                     f"vocabulary; copy {name}/ of {self.example_source}")
+            ids = tok(TOKENIZER_PROBE).input_ids
+            decoded = tok.decode(ids, skip_special_tokens=True)
+            if "".join(decoded.split()) != "".join(TOKENIZER_PROBE.lower().split()) or ids[0] != specials["bos"]:
+                raise MissingWeights(f"{where} does not round-trip the test prompt {TOKENIZER_PROBE!r} (decoded: "
+                                     f"{decoded!r}); copy {name}/ of {self.example_source}")
+            records.append({"name": name, "vocab": vocab, "bos": specials["bos"], "eos": specials["eos"],
+                            "max_length": int(tok.model_max_length)})
+        return records
 
     option_keys: ClassVar[tuple[str, ...]] = ("config", "variant", "prediction_type")
 

@@ -14,3 +14,4 @@ PROMPT_BACKENDS.add_lazy("grammar", "safealign.toyworld.grammar:grammar_backend"
 PROMPT_BACKENDS.add_lazy("local", "safealign.prompts.recipe:local_backend")  # the CoProV2 recipe, per LLM backend
 PROMPT_BACKENDS.add_lazy("openai", "safealign.prompts.recipe:openai_backend")
 PROMPT_BACKENDS.add_lazy("vllm", "safealign.prompts.recipe:vllm_backend")
+PROMPT_BACKENDS.add_lazy("file", "safealign.prompts.file:file_backend")  # a published pair file (CoProV2 layout)

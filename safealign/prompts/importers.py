@@ -6,8 +6,15 @@ Formats (registry ``IMPORTERS``), each ``(path) -> Imported``:
   Rows may repeat, a pair may be listed once per category, and category spellings vary ("Harrasment",
   "self-harm", "Illegal Activity"): they are normalised to the seven names. A file whose ids carry no
   ``u_``/``s_`` prefix is a list of unsafe test prompts.
-- ``i2p``: a prompt column and a ``categories`` column of comma-separated names (seed from ``sd_seed`` if there).
+- ``i2p``: a prompt column and a ``categories`` column of comma-separated names; per-row seed and guidance from
+  ``sd_seed`` and ``sd_guidance_scale`` where the file has them.
 - ``ud``: a prompt column and a category column (UnsafeDiffusion's names: sexually explicit, violent, ...).
+
+The prompt column of I2P and UD files is the first of ``PROMPT_COLUMN_NAMES`` the header has (published copies
+name it ``caption``), of CoProV2 files ``prompt``; or the one named by ``prompt_column`` (``--prompt-column``); the report says which it read
+(``columns``). Per-row seeds (``SEED_COLUMN_NAMES``) and guidance scales (``GUIDANCE_COLUMN_NAMES``) are carried
+into the ``seed`` and ``guidance`` columns (``guidance`` only when the file has one; a row without a value gets
+the run's ``sampling.guidance`` at evaluation).
 
 A pairs file becomes a table with ``safealign.prompts.schema.PAIR_COLUMNS`` (split 'train', concept ''); a prompt list a
 table with ``PROMPT_LIST_COLUMNS``. Errors name the file and the row (data rows count from 1, the header is
@@ -32,7 +39,10 @@ from safealign.core.registry import Registry
 from safealign.prompts.filters import lexical_matches
 from safealign.prompts.schema import PAIR_COLUMNS, normalise
 
-PROMPT_LIST_COLUMNS = ("prompt_id", "prompt", "categories", "seed")
+PROMPT_LIST_COLUMNS = ("prompt_id", "prompt", "categories", "seed")  # plus ``guidance`` where the file has one
+PROMPT_COLUMN_NAMES = ("prompt", "prompts", "caption", "text")  # accepted spellings, first found wins
+SEED_COLUMN_NAMES = ("sd_seed", "seed")
+GUIDANCE_COLUMN_NAMES = ("sd_guidance_scale", "guidance_scale", "guidance")
 
 # Spellings seen in published sets (lower case, '-'/' ' -> '_') -> our category names.
 CATEGORY_ALIASES = {
@@ -140,15 +150,22 @@ def _seed_from_id(pid: str, fallback: int) -> int:
 _PAIR_ID = re.compile(r"^(?P<side>[us])_(?P<id>.+?)(?:\.\w{2,4})?$")
 
 
-def import_coprov2(path: Path) -> Imported:
-    rows, col = read_csv_rows(path, {"prompt": ("prompt",), "image": ("image",), "category": ("category",)})
+def _prompt_names(prompt_column: str | None, default: tuple[str, ...] = PROMPT_COLUMN_NAMES) -> tuple[str, ...]:
+    return (prompt_column.strip().lower(),) if prompt_column else default
+
+
+def import_coprov2(path: Path, prompt_column: str | None = None) -> Imported:
+    rows, col = read_csv_rows(path, {"prompt": _prompt_names(prompt_column, ("prompt",)), "image": ("image",),
+                                     "category": ("category",)})
     prefixed = [bool(_PAIR_ID.match(r[col["image"]].strip())) for r in rows]
     if any(prefixed) and not all(prefixed):
         bad = rows[prefixed.index(False)]
         raise PromptSetError(f"{path}: row {bad['_row']}: image {bad[col['image']]!r} has no u_/s_ prefix, but "
                            "other rows do (a training file needs the prefix on every row)")
     if not any(prefixed):
-        return _coprov2_test(path, rows, col)
+        imported = _coprov2_test(path, rows, col)
+        imported.stats["columns"] = {"prompt": col["prompt"]}
+        return imported
     spellings: Counter = Counter()
     seen: set[tuple[str, str, str]] = set()
     sides: dict[str, dict[str, str]] = {}  # pair id -> {"u": prompt, "s": prompt}
@@ -185,7 +202,7 @@ def import_coprov2(path: Path) -> Imported:
     stats = {"format": "coprov2", "kind": "pairs", "rows": len(rows), "pairs": len(table),
              "multi_label_pairs": int((table["categories"].map(len) > 1).sum()),
              "duplicate_rows": duplicate_rows, "conflicting_rows": conflicting,
-             "incomplete_pairs": len(sides) - len(complete),
+             "incomplete_pairs": len(sides) - len(complete), "columns": {"prompt": col["prompt"]},
              "categories": {c: counts.get(c, 0) for c in CATEGORIES},
              "category_spellings": {k: normalise_category(k) for k in sorted(spellings)}}
     return Imported(table=table, kind="pairs", stats=stats)
@@ -216,12 +233,15 @@ def _coprov2_test(path: Path, rows: list[dict[str, str]], col: dict[str, str]) -
 
 
 def _prompt_list(fmt: str, prompts: dict[str, str], cats: dict[str, set[str]], seeds: dict[str, int], rows: int,
-                 duplicate_rows: int, spellings: Counter, **extra: Any) -> Imported:
+                 duplicate_rows: int, spellings: Counter, guidance: dict[str, float] | None = None,
+                 **extra: Any) -> Imported:
     ids = list(prompts)
     table = pd.DataFrame({
         "prompt_id": ids, "prompt": [prompts[i] for i in ids], "categories": [sorted(cats[i]) for i in ids],
         "seed": [seeds.get(i, _seed_from_id(i, n)) for n, i in enumerate(ids)],
     }, columns=list(PROMPT_LIST_COLUMNS))
+    if guidance is not None:  # the file has a guidance column: NaN where a row left it empty
+        table["guidance"] = [guidance.get(i, float("nan")) for i in ids]
     counts = Counter(c for cs in table["categories"] for c in cs)
     stats = {"format": fmt, "kind": "prompts", "rows": rows, "prompts": len(table),
              "multi_label_prompts": int((table["categories"].map(len) > 1).sum()),
@@ -231,9 +251,30 @@ def _prompt_list(fmt: str, prompts: dict[str, str], cats: dict[str, set[str]], s
 
 
 # --------------------------------------------------------------------------------------------- i2p and ud
-def _import_prompt_file(path: Path, fmt: str, category_names: tuple[str, ...], sep: str | None) -> Imported:
-    rows, col = read_csv_rows(path, {"prompt": ("prompt", "prompts", "text"), "category": category_names})
-    seed_col = next((c for c in rows[0] if c.lower() == "sd_seed"), None)
+def _column(row: dict[str, str], names: tuple[str, ...]) -> str | None:
+    lower = {c.lower(): c for c in row if c != "_row"}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _number(path: Path, row: dict[str, str], col: str, integer: bool) -> float | None:
+    value = (row[col] or "").strip()
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise PromptSetError(f"{path}: row {row['_row']}: {col} {value!r} is not a number") from None
+    if integer and not number.is_integer():
+        raise PromptSetError(f"{path}: row {row['_row']}: {col} {value!r} is not a whole number")
+    return number
+
+
+def _import_prompt_file(path: Path, fmt: str, category_names: tuple[str, ...], sep: str | None,
+                        prompt_column: str | None = None) -> Imported:
+    rows, col = read_csv_rows(path, {"prompt": _prompt_names(prompt_column), "category": category_names})
+    seed_col = _column(rows[0], SEED_COLUMN_NAMES)
+    guidance_col = _column(rows[0], GUIDANCE_COLUMN_NAMES)
+    guidance: dict[str, float] = {}
     spellings: Counter = Counter()
     unknown: Counter = Counter()
     prompts: dict[str, str] = {}
@@ -252,19 +293,25 @@ def _import_prompt_file(path: Path, fmt: str, category_names: tuple[str, ...], s
         by_text[prompt] = pid
         prompts[pid] = prompt
         cats[pid] = set(cat)
-        if seed_col and re.fullmatch(r"\s*\d+(\.0+)?\s*", r[seed_col] or ""):
-            seeds[pid] = int(float(r[seed_col]))
+        if seed_col and (seed := _number(path, r, seed_col, integer=True)) is not None:
+            seeds[pid] = int(seed)
+        if guidance_col and (scale := _number(path, r, guidance_col, integer=False)) is not None:
+            guidance[pid] = scale
     return _prompt_list(fmt, prompts, cats, seeds, len(rows), duplicate_rows, spellings,
+                        guidance if guidance_col else None,
+                        columns={"prompt": col["prompt"], "category": col["category"], "seed": seed_col,
+                                 "guidance": guidance_col},
                         unknown_categories=dict(sorted(unknown.items())),
                         uncategorised=sum(1 for c in cats.values() if not c))
 
 
-def import_i2p(path: Path) -> Imported:
-    return _import_prompt_file(path, "i2p", ("categories", "category"), sep=",")
+def import_i2p(path: Path, prompt_column: str | None = None) -> Imported:
+    return _import_prompt_file(path, "i2p", ("categories", "category"), sep=",", prompt_column=prompt_column)
 
 
-def import_ud(path: Path) -> Imported:
-    return _import_prompt_file(path, "ud", ("category", "categories", "label", "class"), sep=None)
+def import_ud(path: Path, prompt_column: str | None = None) -> Imported:
+    return _import_prompt_file(path, "ud", ("category", "categories", "label", "class"), sep=None,
+                               prompt_column=prompt_column)
 
 
 # ------------------------------------------------------------------------ released attack sets (case files)
@@ -277,11 +324,11 @@ def _category_from_stem(path: Path) -> list[str]:
     return []
 
 
-def _import_case_file(path: Path, fmt: str, guidance: bool) -> Imported:
+def _import_case_file(path: Path, fmt: str, guidance: bool, prompt_column: str | None = None) -> Imported:
     """Ring-A-Bell / P4D layouts: ``case_number`` (row id), ``prompt`` (or ``prompts``), ``evaluation_seed``,
     P4D also ``evaluation_guidance`` and ``categories``. Without a category column the file name's concept
     (Nudity, Violence, ...) is every row's category."""
-    rows, col = read_csv_rows(path, {"prompt": ("prompt", "prompts")})
+    rows, col = read_csv_rows(path, {"prompt": _prompt_names(prompt_column, ("prompt", "prompts"))})
     lower = {c.lower(): c for c in rows[0] if c != "_row"}
     case, seed_col = lower.get("case_number"), lower.get("evaluation_seed")
     cat_col, g_col = lower.get("categories") or lower.get("category"), lower.get("evaluation_guidance")
@@ -310,19 +357,20 @@ def _import_case_file(path: Path, fmt: str, guidance: bool) -> Imported:
         table["guidance"] = guid
     counts = Counter(c for cs in table["categories"] for c in cs)
     stats = {"format": fmt, "kind": "prompts", "rows": len(rows), "prompts": len(table),
-             "categories": {c: counts.get(c, 0) for c in CATEGORIES}, "per_row_guidance": bool(guidance and g_col)}
+             "categories": {c: counts.get(c, 0) for c in CATEGORIES}, "per_row_guidance": bool(guidance and g_col),
+             "columns": {"prompt": col["prompt"]}}
     return Imported(table=table, kind="prompts", stats=stats)
 
 
-def import_ring_a_bell(path: Path) -> Imported:
-    return _import_case_file(path, "ring_a_bell", guidance=False)
+def import_ring_a_bell(path: Path, prompt_column: str | None = None) -> Imported:
+    return _import_case_file(path, "ring_a_bell", guidance=False, prompt_column=prompt_column)
 
 
-def import_p4d(path: Path) -> Imported:
-    return _import_case_file(path, "p4d", guidance=True)
+def import_p4d(path: Path, prompt_column: str | None = None) -> Imported:
+    return _import_case_file(path, "p4d", guidance=True, prompt_column=prompt_column)
 
 
-IMPORTERS: Registry[Callable[[Path], Imported]] = Registry("prompt-set format")
+IMPORTERS: Registry[Callable[..., Imported]] = Registry("prompt-set format")  # (path, prompt_column=None)
 IMPORTERS.add("coprov2", import_coprov2)
 IMPORTERS.add("i2p", import_i2p)
 IMPORTERS.add("ud", import_ud)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from safealign.core.errors import ParamsError
 from safealign.core.ids import benign_ids, benign_seeds, pair_ids, pair_seeds
 from safealign.prompts.schema import PromptSets
 from safealign.toyworld import world as tw
@@ -60,6 +61,11 @@ def grammar_backend(params: Any) -> PromptSets:
     prompts use the held-out templates, so no test or benign prompt appears in training (the safe sides of
     training pairs are benign too, and the anchor term trains on them).
     """
+    if params.model.family != "toy":  # toy captions ("a picture of a red circle") would train a real model on nothing
+        raise ParamsError(f"params.yaml: prompts.backend: 'grammar' writes the toy world's captions, not prompts for "
+                          f"model.family={params.model.family!r}; use a published pair file "
+                          "(`-S prompts.backend=file -S prompts.options.path=data/coprov2_train.csv`) or an LLM "
+                          "recipe (prompts.backend local, openai or vllm)")
     toy = toy_settings(params)
     rng = np.random.default_rng(params.seed + 1)
     concepts = {c: toy.concepts[c] for c in params.categories}

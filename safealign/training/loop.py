@@ -14,13 +14,14 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from safealign.core.errors import UserError
 from safealign.core.io import write_csv_row
 from safealign.families.base import Family
 from safealign.training import LOSSES
 from safealign.training.checkpoints import load_checkpoint, save_checkpoint
 from safealign.training.data import AnchorData, PairData
 from safealign.training.losses import LossFn
-from safealign.training.step import preference_step
+from safealign.training.step import global_draws, preference_step
 from safealign.training.terms import LOG_TERMS, ActiveTerm, active_terms
 
 LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", *LOG_TERMS, "lr")
@@ -45,6 +46,11 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
             raise ValueError(f"train.{term.param} > 0 needs {term.rows_from} rows "
                              "(the safe sides of the training pairs)")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=fam.device.type == "cpu")
+    world = accelerator.num_processes
+    for name in ["batch_size", *(term.batch_param for term in terms if term.batch_param)]:
+        n = getattr(cfg, name)
+        if n % world:  # equal shares, so that averaging the processes' gradients gives the whole batch's
+            raise UserError(f"train.{name}={n}: not a multiple of the {world} training processes")
     torch.manual_seed(seed)  # the LoRA's gaussian init
     fam.add_lora(cfg.rank, cfg.alpha, cfg.targets)
     params = fam.lora_parameters()
@@ -58,7 +64,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     fam.unet, opt = accelerator.prepare(fam.unet, opt)
     loss_fn = loss_fn or LOSSES.get(cfg.loss)
     empty = fam.empty_cond(1)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    rank = accelerator.process_index
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
                disable=not accelerator.is_local_main_process)
     for step in bar:
@@ -67,7 +73,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         batch = data.select(idx[rank::world])
         cond = {k: torch.where(drop[rank::world].view(-1, *[1] * (v.dim() - 1)), empty[k].to(v), v).to(fam.device)
                 for k, v in batch.cond.items()}
-        weighted = []
+        weighted, row_shapes = [], []
         for term in terms:
             picked = None
             if term.rows_from:
@@ -75,19 +81,28 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
                 n = getattr(cfg, term.batch_param)
                 r = src.select(torch.randint(0, len(src), (n,), generator=gen)[rank::world])
                 picked = (r.x0.to(fam.device), {k: v.to(fam.device) for k, v in r.cond.items()})
+                row_shapes.append((term.name, n, tuple(src.x0.shape[1:])))
             weighted.append(ActiveTerm(term, getattr(cfg, term.param), picked))
+        # several processes: draw the whole batch's timesteps and noise (as one process would) and take this
+        # process's share, so that N processes train the same LoRA as one with the same global batch
+        draws = (global_draws(fam, cfg.batch_size, tuple(data.x0_w.shape[1:]), row_shapes, gen,
+                              slice(rank, None, world)) if world > 1 else None)
         with accelerator.autocast():
             costs = {k: None if v is None else v.to(fam.device) for k, v in
                      (("cost_w", batch.cost_w), ("cost_l", batch.cost_l))}
             out = preference_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta,
-                                  gen, weighted, **costs)
+                                  gen, weighted, draws=draws, **costs)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
-               "err_w": out.err_w, "err_l": out.err_l, **{c: 0.0 for c in LOG_TERMS}, "lr": sched.get_last_lr()[0]}
+        logged = {"loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin, "err_w": out.err_w,
+                  "err_l": out.err_l}
+        if world > 1:  # the log shows the whole batch: the mean over processes (equal shares)
+            means = accelerator.reduce(torch.tensor(list(logged.values()), device=fam.device), "mean")
+            logged = dict(zip(logged, means.tolist()))
+        row = {"step": step + 1, **logged, **{c: 0.0 for c in LOG_TERMS}, "lr": sched.get_last_lr()[0]}
         row.update({t.log_column: out.terms[t.name] for t in terms if t.log_column})
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
         if accelerator.is_main_process:

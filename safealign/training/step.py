@@ -28,17 +28,45 @@ class StepOutput:
     terms: dict[str, float] = field(default_factory=dict)  # each active term's (unweighted) value
 
 
+@dataclass
+class StepDraws:
+    """What a step draws at random, given instead: timesteps (B,) and noise (B, C, h, w) of the pairs, and per
+    term that brings rows, the rows' (timesteps, noise)."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def global_draws(fam: Family, batch: int, shape: Sequence[int], rows: Sequence[tuple[str, int, Sequence[int]]],
+                 generator: torch.Generator, part: slice) -> StepDraws:
+    """The draws ``preference_step`` would make from ``generator`` for the whole batch (in its order), cut to
+    ``part`` (this process's share): N processes then see the same timesteps and noise per pair as one process.
+    ``rows``: (term name, rows in the whole batch, row shape) of each term that brings rows, in order."""
+    t = torch.randint(0, fam.num_train_timesteps, (batch,), generator=generator)
+    noise = torch.randn((batch, *shape), generator=generator)
+    drawn = {}
+    for name, n, row_shape in rows:
+        r_t = torch.randint(0, fam.num_train_timesteps, (n,), generator=generator)
+        drawn[name] = (r_t[part], torch.randn((n, *row_shape), generator=generator)[part])
+    return StepDraws(t[part], noise[part], drawn)
+
+
 def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, loss_fn: LossFn, beta: float,
                     generator: torch.Generator, terms: Sequence[ActiveTerm] = (),
                     weight: torch.Tensor | None = None, cost_w: torch.Tensor | None = None,
-                    cost_l: torch.Tensor | None = None) -> StepOutput:
+                    cost_l: torch.Tensor | None = None, draws: StepDraws | None = None) -> StepOutput:
     """x0_w, x0_l: (B, C, h, w) in model space; cond: the condition of each pair (B rows); ``weight``: optional
     per-pair weights (B,) of the reduction; ``cost_w`` / ``cost_l``: optional per-pair safety costs (B,), passed
     to the loss in the record. ``terms``: weighted extra terms, rows (x0 (A, C, h, w), cond) given for the terms
-    that bring rows."""
+    that bring rows. ``draws``: the timesteps and noise, drawn by the caller (a process's share of a global
+    batch's draws, so that N processes train as one); None draws them here from ``generator``."""
     b = x0_w.shape[0]
-    t = torch.randint(0, fam.num_train_timesteps, (b,), generator=generator).to(fam.device)
-    noise = torch.randn(x0_w.shape, generator=generator).to(x0_w)
+    if draws is None:
+        t = torch.randint(0, fam.num_train_timesteps, (b,), generator=generator).to(fam.device)
+        noise = torch.randn(x0_w.shape, generator=generator).to(x0_w)
+    else:
+        t, noise = draws.t.to(fam.device), draws.noise.to(x0_w)
     x0 = torch.cat([x0_w, x0_l])  # (2B, C, h, w): preferred first, then rejected
     noise2, t2, cond2 = torch.cat([noise, noise]), torch.cat([t, t]), cond_cat([cond, cond])
     x_t = fam.add_noise(x0, noise2, t2)
@@ -48,8 +76,12 @@ def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: C
         if term.rows is None:
             continue
         r_x0, r_cond = term.rows
-        r_t = torch.randint(0, fam.num_train_timesteps, (r_x0.shape[0],), generator=generator).to(fam.device)
-        r_noise = torch.randn(r_x0.shape, generator=generator).to(r_x0)
+        if draws is None:
+            r_t = torch.randint(0, fam.num_train_timesteps, (r_x0.shape[0],), generator=generator).to(fam.device)
+            r_noise = torch.randn(r_x0.shape, generator=generator).to(r_x0)
+        else:
+            r_t, r_noise = (d.to(r_x0.device) for d in draws.rows[term.term.name])
+            r_noise = r_noise.to(r_x0)
         slices[term.term.name] = slice(x_t.shape[0], x_t.shape[0] + r_x0.shape[0])
         x_t = torch.cat([x_t, fam.add_noise(r_x0, r_noise, r_t)])
         t2, cond2 = torch.cat([t2, r_t]), cond_cat([cond2, r_cond])

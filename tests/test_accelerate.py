@@ -1,0 +1,80 @@
+"""Many processes from params: the train stage through `accelerate launch` (``runtime.launcher``) trains the same
+expert, to float tolerance, as one process with the same global batch; dvc.yaml takes the launcher from params."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import init_dvc, make_project, run_command, run_inline
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+pytest.importorskip("accelerate")
+
+# LAUNCH: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15's simple launcher; CPU
+# multi-process through it needs MPI). `--multi_gpu --num_processes 2` starts two through torch.distributed.run,
+# and the Accelerator of a CPU run (runtime.device cpu) then joins them with gloo (MULTI_CPU).
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny toy project with prompts, base and render done (what the train stage reads)."""
+    project = make_project(tmp_path_factory.mktemp("accel") / "project",
+                           {"categories": ["hate", "violence"], "train.batch_size": 4, "train.anchor_batch_size": 4})
+    for stage in ("prompts", "base", "render"):
+        run_inline(project, stage)
+    return project
+
+
+def test_two_processes_train_the_same_expert_as_one(rendered: Path) -> None:
+    run_inline(rendered, "train", "--category", "hate")
+    one = load_file(rendered / "models/experts/hate.safetensors")
+    log_one = (rendered / "metrics/train/hate.csv").read_text()
+    shutil.rmtree(rendered / "checkpoints")  # else the second run would resume from the first one's checkpoints
+    (rendered / "metrics/train/hate.csv").unlink()
+    (rendered / "models/experts/hate.safetensors").unlink()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "stages.train", "--category", "hate"]
+    done = run_command(rendered, launch, timeout=600)
+    assert "2 process(es)" in done.stdout  # two processes did train (see LAUNCH)
+    two = load_file(rendered / "models/experts/hate.safetensors")
+    assert one.keys() == two.keys() and len(one) > 0
+    for k in one:
+        assert_close(two[k], one[k], atol=1e-4, rtol=1e-3)  # 6 AdamW steps: sums in another order, measured 1.3e-5
+    assert any((v.abs() > 0).any() for k, v in one.items() if "lora_B" in k)  # it trained: B moved off zero
+    rows_one = [line.split(",") for line in log_one.splitlines()[1:]]
+    rows_two = [line.split(",") for line in (rendered / "metrics/train/hate.csv").read_text().splitlines()[1:]]
+    assert len(rows_one) == len(rows_two) == 6
+    for a, b in zip(rows_one, rows_two, strict=True):  # the logged loss is the whole batch's in both
+        assert abs(float(a[1]) - float(b[1])) <= 1e-4 * max(1.0, abs(float(a[1])))
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(rendered: Path, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", like=rendered, overrides={"train.batch_size": 3})
+    for part in ("data", "models"):
+        shutil.copytree(rendered / part, project / part, dirs_exist_ok=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "stages.train", "--category", "hate"]
+    done = run_command(project, launch, check=False, timeout=600)
+    assert done.returncode != 0
+    assert "error: train.batch_size=3: not a multiple of the 2 training processes" in done.stderr
+
+
+def test_dvc_takes_the_train_launcher_from_params(tmp_path: Path) -> None:
+    project = init_dvc(make_project(tmp_path / "project"), git=False)
+    def cmds() -> set[str]:  # the train stages' commands as DVC resolves dvc.yaml against params.yaml
+        from dvc.repo import Repo
+
+        with Repo(str(project)) as repo:
+            return {f"> {st.cmd}" for st in repo.index.stages if st.name in ("train@hate", "train_all")}
+    assert cmds() == {"> python -m stages.train --category hate", "> python -m stages.train --category all"}
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["runtime"]["launcher"] = "accelerate launch --num_processes 8"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert cmds() == {"> accelerate launch --num_processes 8 -m stages.train --category hate",
+                      "> accelerate launch --num_processes 8 -m stages.train --category all"}
