@@ -38,6 +38,7 @@ def tiny(clone: Path) -> None:
 
     spec = importlib.util.spec_from_file_location("bench_conftest", clone / "tests" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
+    sys.modules["bench_conftest"] = conftest  # its dataclasses look their module up
     spec.loader.exec_module(conftest)  # the clone's own, so params match the code measured
     conftest.write_params(clone)  # the clone's params.yaml with TINY applied
     subprocess.run(["git", "commit", "-qam", "tiny"], cwd=clone, check=True)
