@@ -28,6 +28,7 @@ from safealign.evaluation.scoring import build_detectors, grid_rows, render_set,
 from safealign.families import get_family
 from safealign.methods import METHODS
 from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS
+from safealign.psa.evaluate import user_metrics
 
 
 def main(params_path: str = "params.yaml") -> None:
@@ -45,8 +46,10 @@ def main(params_path: str = "params.yaml") -> None:
                                  benign)}
     method = METHODS.get(params.method)()
     identity = method.attach(fam, ALIGNED, params)
-    images["aligned"] = render_set(fam, params.sampling, files_key(base_files() + identity, extra=extra),
-                                   EVAL / "aligned", test, benign, combine=method.combine)
+    view = method.renderer(fam) if hasattr(method, "renderer") else fam  # a method may render through a view (PSA)
+    aligned_key = files_key(base_files() + identity, extra=extra)
+    images["aligned"] = render_set(view, params.sampling, aligned_key, EVAL / "aligned", test, benign,
+                                   combine=method.combine)
     scored = {m: score(*images[m], test, benign, detectors, params.categories) for m in images}
     metrics: dict[str, Any] = {m: scored[m][0] for m in images}
     for name in params.evaluate.quality:
@@ -57,6 +60,7 @@ def main(params_path: str = "params.yaml") -> None:
             metrics[f"{name}_aligned_vs_base"] = metric(images["aligned"][1], list(benign.prompt), images["base"][1])
         except MissingWeights as e:
             missing[name] = str(e)
+    metrics["psa"] = user_metrics(params, fam, method, metrics, {m: images[m][0] for m in images}, test, aligned_key)
     metrics["missing"] = missing
     metrics["protocol"] = {
         "detectors": [d.protocol() for d in detectors], "sampler": "ddim", "steps": params.sampling.steps,
