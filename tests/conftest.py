@@ -80,6 +80,13 @@ TINY: dict[str, Any] = {
     "train.steps": 6,
     "train.checkpoint_every": 2,
     "train.batch_size": 2,
+    "users.seen": 6,  # PSA (safealign/psa): the users stage and the per-user evaluation, small
+    "users.unseen": 4,
+    "psa.steps": 2,
+    "psa.batch_size": 2,
+    "psa.pairs_per_user": 2,
+    "psa.eval_users": 2,
+    "psa.eval_prompts_per_category": 1,
 }
 
 STAGE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -305,7 +312,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
         train_all = raw["merge"]["method"] == "single"
-    for name in ("prompts", "base", "render", "cost"):  # cost: SC-DPO's cost model, an align dep
+    for name in ("prompts", "base", "render", "cost", "users"):  # cost: SC-DPO's cost model; users: PSA's
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)

@@ -186,14 +186,17 @@ def test_win_rate_on_hand_built_verdicts() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the branch
-def test_untrained_branch_renders_byte_identical(tiny_toy: Any) -> None:
+@pytest.mark.parametrize("key_init", ["zeros", "random"])
+def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str) -> None:
     from safealign.psa.branch import UserFamily, attach_branch, detach_branch
 
     fam = tiny_toy
     prompts, seeds = ["a red circle", "a pink square on a gray background", "a blue cross"], [1, 2, 3]
     base = fam.render(prompts, seeds, steps=4, guidance=2.0)
-    branch = attach_branch(fam.unet, 12, 4, 1.0)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init)
     try:
+        keys = sum(layer.to_k_user.weight.abs().sum().item() for layer in branch.layers.values())
+        assert (keys == 0) == (key_init == "zeros")
         user = UserFamily(fam, branch, torch.randn(12))
         assert np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
         for layer in branch.layers.values():  # a trained branch changes renders; switched off it does not

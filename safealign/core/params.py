@@ -196,9 +196,11 @@ class Psa(Section):
     embedder_path: str = Field("", description="llm: a local causal-LM folder (transformers)")
     tokens: int = Field(4, ge=1, description="N user tokens (PSAlign's release: 1)")
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
+    key_init: Literal["zeros", "random"] = Field("random", description=(
+        "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
     loss: str = Field("dpo", description="preference loss (safealign.training.LOSSES)")
     beta: float | None = Field(None, gt=0, description="null = train.beta")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1, description="per-user pairs per step")

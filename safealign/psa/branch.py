@@ -39,9 +39,19 @@ class UserProjection(nn.Module):
         self.n_tokens, self.cross_dim = n_tokens, cross_dim
         self.proj = nn.Linear(embed_dim, n_tokens * cross_dim)
         self.norm = nn.LayerNorm(cross_dim)
+        # fixed standardisation of the user vector (the training users' mean and std; identity until set):
+        # sentence embeddings of similar profile texts differ little, so raw differences give small gradients
+        self.register_buffer("center", torch.zeros(embed_dim))
+        self.register_buffer("spread", torch.ones(embed_dim))
+
+    def standardise_from(self, vectors: torch.Tensor) -> None:
+        """Set the standardisation from the training users' vectors (U, D)."""
+        self.center.copy_(vectors.mean(0))
+        self.spread.copy_(vectors.std(0).clamp_min(1e-6) if len(vectors) > 1 else torch.ones_like(self.spread))
 
     def forward(self, user: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(user).view(user.shape[0], self.n_tokens, self.cross_dim))
+        z = (user - self.center) / self.spread
+        return self.norm(self.proj(z).view(user.shape[0], self.n_tokens, self.cross_dim))
 
 
 class UserAttnProcessor(nn.Module):
@@ -54,8 +64,9 @@ class UserAttnProcessor(nn.Module):
         self.to_k_user = nn.Linear(kv_in, kv_out, bias=False) if branch is not None else None
         self.to_v_user = nn.Linear(kv_in, kv_out, bias=False) if branch is not None else None
         if branch is not None:
-            nn.init.zeros_(self.to_k_user.weight)
-            nn.init.zeros_(self.to_v_user.weight)
+            nn.init.zeros_(self.to_v_user.weight)  # V = 0: the branch adds exactly 0, whatever the keys
+            if branch.key_init == "zeros":  # PSAlign's; then to_k_user's first gradients are 0 too
+                nn.init.zeros_(self.to_k_user.weight)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -87,9 +98,9 @@ class UserAttnProcessor(nn.Module):
 class UserBranch(nn.Module):
     """The trainable parts: the projection and each cross-attention layer's user key/value."""
 
-    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, scale: float) -> None:
+    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, scale: float, key_init: str = "zeros") -> None:
         super().__init__()
-        self.embed_dim, self.n_tokens, self.scale = embed_dim, n_tokens, scale
+        self.embed_dim, self.n_tokens, self.scale, self.key_init = embed_dim, n_tokens, scale, key_init
         self.projection = UserProjection(embed_dim, cross_dim, n_tokens)
         self.layers = nn.ModuleDict()
         self.enabled = True
@@ -110,24 +121,26 @@ class UserBranch(nn.Module):
         return list(self.parameters())
 
 
-def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: int = 0) -> UserBranch:
-    """Install a zero-initialised user branch on every cross-attention layer of ``unet`` (a diffusers UNet).
-    The projection's init comes from ``seed``."""
+def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: int = 0,
+                  key_init: str = "zeros") -> UserBranch:
+    """Install a user branch on every cross-attention layer of ``unet`` (a diffusers UNet): ``to_v_user`` zero,
+    ``to_k_user`` zero (``key_init="zeros"``, PSAlign) or nn.Linear's random init (``"random"``: the keys tell
+    queries apart from the first step). The random inits come from ``seed``."""
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
-        branch = UserBranch(embed_dim, unet.config.cross_attention_dim, n_tokens, scale)
-    old = unet.attn_processors
-    procs = {}
-    modules = dict(unet.named_modules())
-    for name, proc in old.items():
-        attn = modules[name.removesuffix(".processor")]
-        if attn.is_cross_attention:
-            p = UserAttnProcessor(proc, branch, attn.cross_attention_dim, attn.to_k.out_features)
-            branch.layers[name.replace(".", "__")] = p
-        else:
-            p = UserAttnProcessor(proc, None)
-        procs[name] = p
+        branch = UserBranch(embed_dim, unet.config.cross_attention_dim, n_tokens, scale, key_init)
+        old = unet.attn_processors
+        procs = {}
+        modules = dict(unet.named_modules())
+        for name, proc in old.items():
+            attn = modules[name.removesuffix(".processor")]
+            if attn.is_cross_attention:
+                p = UserAttnProcessor(proc, branch, attn.cross_attention_dim, attn.to_k.out_features)
+                branch.layers[name.replace(".", "__")] = p
+            else:
+                p = UserAttnProcessor(proc, None)
+            procs[name] = p
     unet.set_attn_processor(procs)
     param = next(unet.parameters())
     branch.to(param.device)
@@ -143,6 +156,7 @@ def detach_branch(unet: Any, branch: UserBranch) -> None:
 def save_branch(path: Path, branch: UserBranch, **meta: str) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
     info = {"embed_dim": str(branch.embed_dim), "n_tokens": str(branch.n_tokens), "scale": repr(branch.scale),
+            "key_init": branch.key_init,
             "layers": json.dumps(sorted(branch.layers)), **meta}
     with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(safetensors_bytes(tensors, info))
