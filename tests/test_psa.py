@@ -325,3 +325,26 @@ def test_vlm_judge_against_a_fake_server(monkeypatch: pytest.MonkeyPatch) -> Non
         assert "psa" not in text.lower() and "safetydpo" not in text.lower() and "base" not in text.lower()
     with pytest.raises(ParamsError, match="psa.judge_options.colour"):
         VLMJudge(params(psa__judge="vlm", psa__judge_options={"colour": 1}))
+
+
+def test_method_psa_trains_in_align_and_every_model_gets_pass_rates(reference_copy: Path) -> None:
+    from conftest import run_inline
+
+    metrics = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    for m in ("base", "aligned"):  # the default method (safetydpo) carries Pass Rates too
+        assert set(metrics[m]["pass_rate"]) == {"seen", "unseen"}
+        assert set(metrics[m]["banned_respected"]) == set(metrics[m]["allowed_respected"]) == {"seen", "unseen"}
+    params = reference_copy / "params.yaml"
+    params.write_text(params.read_text().replace("method: safetydpo", "method: psa"))
+    run_inline(reference_copy, "align")
+    assert (reference_copy / "models" / "aligned" / "branch.safetensors").exists()
+    run_inline(reference_copy, "evaluate")
+    metrics = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    assert metrics["protocol"]["method"] == "psa"
+    for m in ("base", "aligned"):
+        assert all(0 <= metrics[m][r][g] <= 1 for r in ("pass_rate",) for g in ("seen", "unseen"))
+    psa = metrics["psa"]
+    assert set(psa["reference"]["safetydpo"]) >= {"pass_rate", "banned_respected", "allowed_respected"}
+    assert set(psa["win_rate"]) == {"vs_base", "vs_safetydpo"}
+    renders = list((reference_copy / "data" / "eval" / "users").glob("*/*.png"))
+    assert len(renders) == 2 * psa["users"]["seen"] * psa["prompts"]

@@ -70,10 +70,10 @@ class Psa:
         manifest, cache = read_cache()
         plan = pair_plan(users[seen].reset_index(drop=True), list(manifest.categories), params.categories,
                          c.pairs_per_user, params.seed)
-        data = user_pairs(plan, cache, vectors[torch.from_numpy(seen)])
+        data = user_pairs(plan, cache, vectors[torch.tensor(seen)])
         fam = get_family(params.model.family).from_params(params, BASE, device)
         branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init)
-        branch.projection.standardise_from(vectors[torch.from_numpy(seen)])
+        branch.projection.standardise_from(vectors[torch.tensor(seen)])
         loss_fn = LOSSES.get(c.loss)
         summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, loss_fn, params.seed * 1000 + 16,
                                out / "train.csv")
