@@ -31,3 +31,4 @@ METHODS: Registry[Any] = Registry("method")
 METHODS.add_lazy("safetydpo", "safealign.safetydpo.method:SafetyDPO")
 METHODS.add_lazy("none", "safealign.baselines.none:NoAlignment")  # no alignment: the reference row
 METHODS.add_lazy("sc_dpo", "safealign.sc_dpo.method:ScDpo")  # SC-DPO: one LoRA, cost-calibrated loss (safealign/sc_dpo)
+METHODS.add_lazy("psa", "safealign.psa.method:Psa")  # PSA: user-conditioned cross-attention branch (safealign/psa)

@@ -31,6 +31,7 @@ from safealign.methods import METHODS
 from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS
 from safealign.sc_dpo import COST
 from safealign.sc_dpo.costmodel import mean_costs
+from safealign.psa.evaluate import user_metrics
 
 
 def main(params_path: str = "params.yaml") -> None:
@@ -51,10 +52,12 @@ def main(params_path: str = "params.yaml") -> None:
                                      EVAL / "sets")}
     method = METHODS.get(params.method)()
     identity = method.attach(fam, ALIGNED, params)
-    images["aligned"] = render_set(fam, params.sampling, files_key(base_files() + identity, extra=extra),
-                                   EVAL / "aligned", test, benign, combine=method.combine)
-    set_scores["aligned"] = score_sets(fam, params, files_key(base_files() + identity, extra=extra), "aligned", sets,
-                                       detectors, EVAL / "sets", combine=method.combine)
+    view = method.renderer(fam) if hasattr(method, "renderer") else fam  # a method may render through a view (PSA)
+    aligned_key = files_key(base_files() + identity, extra=extra)
+    images["aligned"] = render_set(view, params.sampling, aligned_key, EVAL / "aligned", test, benign,
+                                   combine=method.combine)
+    set_scores["aligned"] = score_sets(view, params, aligned_key, "aligned", sets, detectors, EVAL / "sets",
+                                       combine=method.combine)
     scored = {m: score(*images[m], test, benign, detectors, params.categories) for m in images}
     metrics: dict[str, Any] = {m: {**scored[m][0], "sets": set_scores[m]} for m in images}
     for name in params.evaluate.quality:
@@ -70,6 +73,7 @@ def main(params_path: str = "params.yaml") -> None:
         metrics[m].update(costs[m])
     if why:
         missing["cost"] = why
+    metrics["psa"] = user_metrics(params, fam, method, metrics, {m: images[m][0] for m in images}, test, aligned_key)
     metrics["missing"] = {**missing, **sets_missing}
     metrics["protocol"] = {
         "detectors": [d.protocol() for d in detectors], "sampler": "ddim", "steps": params.sampling.steps,

@@ -86,6 +86,13 @@ TINY: dict[str, Any] = {
     "attack.ring_a_bell": {"tokens": 4, "population": 8, "generations": 3, "mutation": 0.25, "crossover": 0.5,
                            "elite": 2, "eta": 3.0},
     "attack.whitebox": {"tokens": 2, "steps": 2, "lr": 0.05, "batch": 2},
+    "users.seen": 6,  # PSA (safealign/psa): the users stage and the per-user evaluation, small
+    "users.unseen": 4,
+    "psa.steps": 2,
+    "psa.batch_size": 2,
+    "psa.pairs_per_user": 2,
+    "psa.eval_users": 2,
+    "psa.eval_prompts_per_category": 1,
 }
 
 STAGE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -311,7 +318,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
         train_all = raw["merge"]["method"] == "single"
-    for name in ("prompts", "base", "render", "cost", "clean"):  # cost, clean: SC-DPO's, align deps
+    for name in ("prompts", "base", "render", "cost", "clean", "users"):  # cost, clean: SC-DPO's; users: PSA's
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)

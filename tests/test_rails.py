@@ -246,9 +246,9 @@ def test_every_params_key_a_stage_reads_is_in_its_params(tmp_path: Path, monkeyp
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     categories = read_yaml((project / "params.yaml").read_text())["categories"]
     log = _track(monkeypatch)
-    runs = [("prompts", ()), ("base", ()), ("render", ()), *[("train", ("--category", c)) for c in categories],
-            ("train", ("--category", "all")), ("merge", ()), ("cost", ()), ("clean", ()), ("align", ()), ("attack", ()),
-            ("evaluate", ())]
+    runs = [("prompts", ()), ("base", ()), ("render", ()), ("users", ()),
+            *[("train", ("--category", c)) for c in categories], ("train", ("--category", "all")), ("merge", ()),
+            ("cost", ()), ("clean", ()), ("align", ()), ("attack", ()), ("evaluate", ())]
     read: dict[str, set[str]] = {}
     for stage, args in runs:
         log["keys"] = set()

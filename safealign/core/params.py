@@ -280,6 +280,57 @@ class Attack(Section):
         if unknown:
             raise ValueError(f"unknown category {unknown[0]!r}; allowed: {', '.join(CATEGORIES)}")
         return v
+class Users(Section):
+    """The `users` stage (safealign/psa/users.py): the default users by PSAlign's rules."""
+    seen: int = Field(64, ge=1, description="training users")
+    unseen: int = Field(32, ge=1, description="test users, disjoint from the seen ones")
+    consider: float = Field(0.7, ge=0, le=1, description="probability of each 'consider' ban of the rules")
+    variety: float = Field(0.1, ge=0, le=1, description="probability of banning any other category")
+
+
+class Psa(Section):
+    """PSA (safealign/psa): profile embeddings, the user branch, its training and the per-user evaluation."""
+    embedder: str = Field("minilm", description="profile embedder (safealign.psa.EMBEDDERS)")
+    embedder_path: str = Field("", description="llm: a local causal-LM folder (transformers)")
+    tokens: int = Field(4, ge=1, description="N user tokens (PSAlign's release: 1)")
+    scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
+    key_init: Literal["zeros", "random"] = Field("random", description=(
+        "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
+    loss: str = Field("dpo", description="preference loss (safealign.training.LOSSES)")
+    beta: float | None = Field(None, gt=0, description="null = train.beta")
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1, description="per-user pairs per step")
+    pairs_per_user: int = Field(24, ge=1, description="render pairs drawn per seen user (each under both captions)")
+    sft_weight: float = Field(5.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
+    judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
+    judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="vlm judge settings")
+    eval_users: int = Field(12, ge=1, description="users per group (seen, unseen) in the evaluation")
+    eval_prompts_per_category: int = Field(2, ge=1, description="test prompts per category judged per user")
+    win_rate: bool = Field(True, description="PSA's Win Rate against base and the SafetyDPO merged model")
+
+    @field_validator("embedder")
+    @classmethod
+    def _embedder(cls, v: str) -> str:
+        from safealign.psa import EMBEDDERS
+
+        return EMBEDDERS.check(v)
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str) -> str:
+        from safealign.psa import JUDGES
+
+        return JUDGES.check(v)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        from safealign.training import LOSSES
+
+        return LOSSES.check(v)
 
 
 class Params(Section):
@@ -297,6 +348,8 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     sc_dpo: ScDpo = ScDpo()
     attack: Attack = Attack()
+    users: Users = Users()
+    psa: Psa = Psa()
 
     @field_validator("method")
     @classmethod

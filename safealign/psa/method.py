@@ -1,0 +1,107 @@
+"""The ``psa`` method: a user branch (``branch.py``) trained in the `align` stage on per-user pairs.
+
+``build``: the seen users of ``data/users/`` and their vectors, per-user pairs from the render cache by the pair
+rule (``pairs.py``), the branch attached zero-initialised to the base denoiser and trained with the loss
+``psa.loss`` (reference = branch off, ``train.py``). Writes ``models/aligned/branch.safetensors``, the vector of
+the default profile (``default_user.safetensors``: a profile that bans every category, used when a render has
+no user: the generic IP columns of `evaluate`), the training log and ``method.json``.
+``attach`` loads the branch; ``renderer`` gives the family that renders for the default profile, ``for_user``
+the family that renders for one user vector.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safealign.core.io import atomic_path, read_table, safetensors_bytes
+from safealign.core.paths import BASE
+from safealign.families import get_family
+from safealign.psa.branch import UserFamily, attach_branch, load_branch, save_branch
+from safealign.psa.pairs import pair_plan, user_pairs
+from safealign.psa.train import train_branch
+from safealign.psa.users import USER_COLUMNS
+
+USERS = Path("data/users")
+USERS_TABLE = USERS / "users.parquet"
+USER_VECTORS = USERS / "embeddings.safetensors"
+BRANCH = "branch.safetensors"
+DEFAULT_USER = "default_user.safetensors"
+
+
+def default_profile(categories: tuple[str, ...]) -> str:
+    return f"No profile given. Banned categories: {', '.join(categories)}. Allowed categories: none."
+
+
+def read_users() -> tuple[Any, torch.Tensor, dict[str, str]]:
+    """The users table, its vectors (U, D) in table order, and the vectors' metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    users = read_table(USERS_TABLE, USER_COLUMNS)
+    if not USER_VECTORS.exists():
+        raise FileNotFoundError(f"{USER_VECTORS}: user vectors missing; run `dvc repro users`")
+    with safe_open(str(USER_VECTORS), framework="pt") as f:
+        meta = dict(f.metadata())
+    if json.loads(meta["user_ids"]) != list(users.user_id):
+        raise ValueError(f"{USER_VECTORS}: rows do not match {USERS_TABLE}; re-run `dvc repro users`")
+    return users, load_file(str(USER_VECTORS))["vectors"], meta
+
+
+def embed_texts(params: Any, texts: list[str], device: str = "cpu") -> torch.Tensor:
+    from safealign.psa import EMBEDDERS
+
+    return torch.from_numpy(EMBEDDERS.get(params.psa.embedder)(params, device)(texts)).float()
+
+
+class Psa:
+    name = "psa"
+    combine = None  # the branch changes the denoiser; the guidance rule is the default
+
+    def build(self, params: Any, out: Path, device: str) -> dict[str, Any]:
+        from safealign.training import LOSSES
+        from safealign.training.data import read_cache
+
+        c, out = params.psa, Path(out)
+        users, vectors, meta = read_users()
+        seen = (users.split == "seen").to_numpy()
+        manifest, cache = read_cache()
+        plan = pair_plan(users[seen].reset_index(drop=True), list(manifest.categories), params.categories,
+                         c.pairs_per_user, params.seed)
+        data = user_pairs(plan, cache, vectors[torch.tensor(seen)])
+        fam = get_family(params.model.family).from_params(params, BASE, device)
+        branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init)
+        branch.projection.standardise_from(vectors[torch.tensor(seen)])
+        loss_fn = LOSSES.get(c.loss)
+        summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, loss_fn, params.seed * 1000 + 16,
+                               out / "train.csv")
+        save_branch(out / BRANCH, branch, embedder=meta.get("embedder", ""),
+                    psa=json.dumps(c.model_dump(), sort_keys=True))
+        default = embed_texts(params, [default_profile(params.categories)])
+        with atomic_path(out / DEFAULT_USER) as tmp:
+            tmp.write_bytes(safetensors_bytes({"vector": default[0].contiguous()},
+                                              {"profile": default_profile(params.categories)}))
+        preferred_safe = sum(p[3] == "safe" for p in plan)
+        info = {"method": self.name, "seen_users": int(seen.sum()), "pairs": len(data),
+                "pairs_safe_preferred": preferred_safe, "pairs_unsafe_preferred": len(plan) - preferred_safe,
+                "tokens": c.tokens, "scale": c.scale, "steps": c.steps, "embedder": c.embedder,
+                **{f"last20_{k}": v for k, v in summary.items()}}
+        with atomic_path(out / "method.json") as tmp:
+            tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
+        return info
+
+    def attach(self, fam: Any, folder: Path, params: Any) -> list[Path]:
+        from safetensors.torch import load_file
+
+        self.branch, _ = load_branch(Path(folder) / BRANCH, fam.unet)
+        self.default_user = load_file(str(Path(folder) / DEFAULT_USER))["vector"]
+        return [Path(folder) / BRANCH, Path(folder) / DEFAULT_USER]
+
+    def renderer(self, fam: Any) -> UserFamily:
+        """The family that renders for the default profile (every category banned)."""
+        return UserFamily(fam, self.branch, self.default_user)
+
+    def for_user(self, fam: Any, vector: torch.Tensor) -> UserFamily:
+        return UserFamily(fam, self.branch, vector)

@@ -1,0 +1,70 @@
+"""Per-user preference pairs from the render cache, by PSAlign's pair rule.
+
+Pair rule (``preferred_side``): for a render pair of category c and a user, under a caption,
+- c banned by the user -> the safe image is preferred, whichever caption;
+- c allowed -> the image that matches the caption is preferred (unsafe caption: the unsafe image; safe caption:
+  the safe image);
+- neither (a Sage user may leave a category out of both lists) -> no pair.
+Every pair appears under the unsafe and the safe caption. Each seen user gets ``pairs_per_user`` render pairs,
+drawn without replacement from a generator seeded by the seed and the user's row.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from safealign.psa.branch import USER_KEY
+from safealign.training.data import PairData
+
+
+def preferred_side(category: str, banned: Sequence[str], allowed: Sequence[str], caption: str) -> str | None:
+    """'safe' or 'unsafe' (the preferred image), or None; ``caption``: 'unsafe' or 'safe'."""
+    if caption not in ("unsafe", "safe"):
+        raise ValueError(f"caption must be 'unsafe' or 'safe', got {caption!r}")
+    if category in banned:
+        return "safe"
+    if category in allowed:
+        return caption
+    return None
+
+
+def pair_plan(users: Any, pair_categories: Sequence[Sequence[str]], categories: Sequence[str], per_user: int,
+              seed: int) -> list[tuple[int, int, str, str]]:
+    """(user row, render pair row, caption, preferred side) for every per-user pair. ``users``: the users table
+    (rows in order); ``pair_categories``: each render pair's categories; a pair counts under its first category
+    in ``categories``."""
+    first = [next((c for c in cats if c in categories), None) for cats in pair_categories]
+    eligible = [i for i, c in enumerate(first) if c is not None]
+    plan = []
+    for u, (banned, allowed) in enumerate(zip(users.banned, users.allowed)):
+        rng = np.random.default_rng([seed, 16, u])
+        picked = rng.choice(eligible, size=min(per_user, len(eligible)), replace=False)
+        for i in sorted(int(x) for x in picked):
+            for caption in ("unsafe", "safe"):
+                side = preferred_side(first[i], list(banned), list(allowed), caption)
+                if side is not None:
+                    plan.append((u, i, caption, side))
+    return plan
+
+
+def user_pairs(plan: Sequence[tuple[int, int, str, str]], cache: dict[str, torch.Tensor],
+               user_vectors: torch.Tensor) -> PairData:
+    """The plan's pairs as training data: x0_w / x0_l by the preferred side, the caption's text condition, and
+    the user's vector under ``xattn.user``. ``cache``: the render cache (``x0_w`` safe, ``x0_l`` unsafe images,
+    ``cond.*`` unsafe and ``cond_safe.*`` safe captions); ``user_vectors``: (U, D) in the users' row order."""
+    if not plan:
+        raise ValueError("no per-user pairs: no seen user bans or allows a category of the training pairs")
+    u = torch.tensor([p[0] for p in plan])
+    i = torch.tensor([p[1] for p in plan])
+    safe_caption = torch.tensor([p[2] == "safe" for p in plan])
+    safe_preferred = torch.tensor([p[3] == "safe" for p in plan]).view(-1, 1, 1, 1)
+    img_s, img_u = cache["x0_w"][i], cache["x0_l"][i]
+    cond = {}
+    for key in (k.removeprefix("cond.") for k in cache if k.startswith("cond.")):
+        a, b = cache["cond." + key][i], cache["cond_safe." + key][i]
+        cond[key] = torch.where(safe_caption.view(-1, *[1] * (a.dim() - 1)), b, a)
+    cond["xattn." + USER_KEY] = user_vectors[u].float()
+    return PairData(torch.where(safe_preferred, img_s, img_u), torch.where(safe_preferred, img_u, img_s), cond)

