@@ -29,9 +29,9 @@ from safealign.evaluation.sets import load_sets, score_sets
 from safealign.families import get_family
 from safealign.methods import METHODS
 from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS
+from safealign.psa.evaluate import user_metrics
 from safealign.sc_dpo import COST
 from safealign.sc_dpo.costmodel import mean_costs
-from safealign.psa.evaluate import user_metrics
 
 
 def main(params_path: str = "params.yaml") -> None:
