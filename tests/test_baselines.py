@@ -13,15 +13,15 @@ from torch.testing import assert_close
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from safealign.baselines.concepts import concept_prompt, concepts_from_pairs, word_diff  # noqa: E402
-from safealign.baselines.esd import esd_loss, esd_target  # noqa: E402
-from safealign.baselines.negative_prompt import NegativeGuidance  # noqa: E402
-from safealign.baselines.sld import PRESETS, SafetyGuidance, SldConfig, safety_guidance, sld_combine  # noqa: E402
-from safealign.baselines.uce import cross_attention_projections, uce_edit  # noqa: E402
-from safealign.core.params import ESD_U_TARGETS, ESD_X_TARGETS  # noqa: E402
-from safealign.families import get_family  # noqa: E402
-from safealign.families.toy import ToyFamily  # noqa: E402
-from safealign.methods import METHODS  # noqa: E402
+from safealign.baselines.concepts import concept_prompt, concepts_from_pairs, word_diff
+from safealign.baselines.esd import esd_loss, esd_target
+from safealign.baselines.negative_prompt import NegativeGuidance
+from safealign.baselines.sld import PRESETS, SafetyGuidance, SldConfig, safety_guidance, sld_combine
+from safealign.baselines.uce import cross_attention_projections, uce_edit
+from safealign.core.params import ESD_U_TARGETS, ESD_X_TARGETS
+from safealign.families import get_family
+from safealign.families.toy import ToyFamily
+from safealign.methods import METHODS
 
 PROMPT, CONCEPT, CFG = "a red cat on a mat", "blood gore", 5.0
 
@@ -155,7 +155,7 @@ def test_sld_equals_diffusers_safe_pipeline_on_tiny_sd15(preset: str) -> None:
     fam = get_family("sd15").build_tiny(0)
     latents = _final_latents(fam)
     ours = fam.render([PROMPT], [3], steps=steps, guidance=CFG, combine=SafetyGuidance(CONCEPT, cfg))
-    plain = fam.render([PROMPT], [3], steps=steps, guidance=CFG)
+    fam.render([PROMPT], [3], steps=steps, guidance=CFG)  # the plain render: its latents are latents[1]
     theirs_latents: list[torch.Tensor] = []
     theirs = _safe_pipeline(fam)(PROMPT, num_inference_steps=steps, guidance_scale=CFG,
                                  latents=fam.initial_noise([3]), output_type="np", sld_warmup_steps=cfg.warmup_steps,

@@ -106,7 +106,7 @@ class ErasedDiffusion:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         save_lora(Path(out) / LORA, fam.lora_state_dict(), e.rank, e.alpha, self.targets(params), method=self.name,
                   esd=json.dumps(e.model_dump(), sort_keys=True))
         k = min(20, len(losses))

@@ -99,8 +99,8 @@ class UnifiedConceptEditing:
         md = {"method": self.name, "uce": json.dumps(u.model_dump(), sort_keys=True)}
         with atomic_path(Path(out) / WEIGHTS) as tmp:
             tmp.write_bytes(safetensors_bytes(edited, md))
-        info = {"method": self.name, **u.model_dump(), "edited_layers": len(edited), "erase_vectors": int(len(k)),
-                "keep_vectors": int(len(k_keep)), "relative_change_mean": sum(change.values()) / len(change)}
+        info = {"method": self.name, **u.model_dump(), "edited_layers": len(edited), "erase_vectors": len(k),
+                "keep_vectors": len(k_keep), "relative_change_mean": sum(change.values()) / len(change)}
         with atomic_path(Path(out) / "method.json") as tmp:
             tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
         return info
