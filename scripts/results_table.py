@@ -26,6 +26,8 @@ EVALUATE, ALIGN = "metrics/evaluate.json", "metrics/align.json"
 
 
 def row_name(evaluate: dict[str, Any], align: dict[str, Any]) -> str:
+    if align.get("label"):
+        return align["label"]
     proto = evaluate.get("protocol", {})
     method = proto.get("method") or align.get("method", "?")
     if method == "safetydpo":
@@ -44,10 +46,13 @@ def _sort_key(name: str) -> tuple[int, str]:
 
 
 def from_runs(folder: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(evaluate.json, align.json) of every sub-folder that has an evaluate.json, in name order."""
+    """(evaluate.json, align.json) of every sub-folder that has an evaluate.json, in name order. A ``label.txt``
+    beside them names the row (to tell apart two runs of one method with different knobs)."""
     for sub in sorted(p for p in Path(folder).iterdir() if (p / "evaluate.json").exists()):
-        align = sub / "align.json"
-        yield json.loads((sub / "evaluate.json").read_text()), json.loads(align.read_text()) if align.exists() else {}
+        align = json.loads((sub / "align.json").read_text()) if (sub / "align.json").exists() else {}
+        if (sub / "label.txt").exists():
+            align["label"] = (sub / "label.txt").read_text().strip()
+        yield json.loads((sub / "evaluate.json").read_text()), align
 
 
 def _states(node: Any) -> Iterator[dict[str, Any]]:

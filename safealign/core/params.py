@@ -190,8 +190,8 @@ ESD_X_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # 
 class Esd(Section):
     """ESD (Gandikota et al. 2023) as a LoRA: methods ``esd_u`` and ``esd_x`` (safealign/baselines/esd.py)."""
     eta: float = Field(1.0, ge=0, description="negative guidance of the target eps(empty) - eta (eps(c) - eps(empty))")
-    steps: int = Field(200, ge=1, description="training iterations")
-    lr: float = Field(2e-3, gt=0)
+    steps: int = Field(100, ge=1, description="training iterations")
+    lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1, description="concept prompts per iteration")
     rank: int = Field(4, ge=1)
     alpha: float = Field(4.0, gt=0)
