@@ -331,6 +331,43 @@ class Psa(Section):
         from safealign.training import LOSSES
 
         return LOSSES.check(v)
+ESD_U_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
+                 "proj_out", "conv1", "conv2")  # ESD-u: every trained layer kind but cross-attention (attn2)
+ESD_X_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # ESD-x: cross-attention only
+
+
+class Esd(Section):
+    """ESD (Gandikota et al. 2023) as a LoRA: methods ``esd_u`` and ``esd_x`` (safealign/baselines/esd.py)."""
+    eta: float = Field(1.0, ge=0, description="negative guidance of the target eps(empty) - eta (eps(c) - eps(empty))")
+    steps: int = Field(100, ge=1, description="training iterations")
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="concept prompts per iteration")
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    prompts: Literal["words", "pairs"] = Field("pairs", description=(
+        "the concept prompts: 'words' = each category's concept words alone (the paper's form), 'pairs' = the "
+        "category's unsafe training prompts"))
+    start_guidance: float = Field(3.0, ge=0, description="CFG of the partial sampling that makes x_t (ESD's code: 3)")
+    sample_steps: int = Field(20, ge=1, description="DDIM steps of that sampling; t is one of their timesteps")
+    targets_u: tuple[str, ...] = ESD_U_TARGETS
+    targets_x: tuple[str, ...] = ESD_X_TARGETS
+
+
+class Uce(Section):
+    """UCE (Gandikota et al. 2024): closed-form edit of cross-attention to_k / to_v (safealign/baselines/uce.py)."""
+    lam: float = Field(0.1, ge=0, description="lambda: weight of the old projection (ridge term)")
+    erase_scale: float = Field(1.0, ge=0, description="s_e: weight of the concept -> safe-twin constraints")
+    preserve_scale: float = Field(0.1, ge=0, description="s_p: weight of the kept concepts' constraints")
+    prompts: Literal["words", "pairs"] = Field("pairs", description=(
+        "what is mapped: 'words' = each category's concept words -> its twin's words, 'pairs' = every unsafe "
+        "training prompt -> its safe twin, token by token; kept: the safe twins and the empty prompt"))
+
+
+class Sld(Section):
+    """SLD (Schramowski et al. 2023): safety guidance at sampling time (safealign/baselines/sld.py)."""
+    preset: Literal["weak", "medium", "strong", "max"] = Field("medium", description=(
+        "the hyper-parameters of diffusers' StableDiffusionPipelineSafe presets WEAK / MEDIUM / STRONG / MAX"))
+    concept: str = Field("", description="the safety concept prompt; '' = every category's concept words")
 
 
 class Params(Section):
@@ -350,6 +387,9 @@ class Params(Section):
     attack: Attack = Attack()
     users: Users = Users()
     psa: Psa = Psa()
+    esd: Esd = Esd()
+    uce: Uce = Uce()
+    sld: Sld = Sld()
 
     @field_validator("method")
     @classmethod

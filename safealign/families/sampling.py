@@ -4,6 +4,12 @@ A guidance rule ``combine(uncond, cond, guidance, t, state) -> prediction`` turn
 and conditional predictions of one step into the one the sampler follows; ``state`` is a dict the rule may keep
 across the steps of one batch (a momentum, say). The default is classifier-free guidance,
 ``u + guidance * (c - u)``. Sampling-time methods (safety guidance) plug in here, so no family changes.
+
+A rule may also carry two optional hooks, called once per batch with the family and the batch size n:
+``unconditional(fam, n) -> Cond`` replaces the empty prompt's condition as ``uncond`` (a negative prompt), and
+``extra_conds(fam, n) -> list[Cond]`` names further conditions the denoiser predicts in the same call, after
+``uncond`` and ``cond`` (as diffusers batches them); their predictions reach the rule as ``state["extra"]``
+(a list, in that order) and the step's index as ``state["step"]`` (safety guidance's warm-up).
 """
 from __future__ import annotations
 
@@ -47,14 +53,18 @@ def ddim_render(fam: Family, prompts: Sequence[str], seeds: Sequence[int], steps
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         cond = fam.encode_prompts(p)
-        both = cond_cat([fam.empty_cond(len(p)), cond])
+        uncond_hook, extra_hook = getattr(combine, "unconditional", None), getattr(combine, "extra_conds", None)
+        extras = list(extra_hook(fam, len(p))) if extra_hook else []
+        k = 2 + len(extras)  # predictions per row and step
+        both = cond_cat([uncond_hook(fam, len(p)) if uncond_hook else fam.empty_cond(len(p)), cond, *extras])
         x = fam.initial_noise(s).to(fam.device, fam.dtype) * sched.init_noise_sigma
         sched.set_timesteps(steps)
         state: dict[str, Any] = {}
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(torch.cat([x, x]), t)
-            tt = torch.full((2 * len(p),), int(t), device=fam.device)
-            u, c = fam.predict(xin, tt, both).chunk(2)
+        for step, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(torch.cat([x] * k), t)
+            tt = torch.full((k * len(p),), int(t), device=fam.device)
+            u, c, *extra = fam.predict(xin, tt, both).chunk(k)
+            state.update(step=step, extra=extra)
             x = sched.step(combine(u, c, guidance, t, state), t, x).prev_sample
         img = fam.decode(x).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         out.append((img * 255).round().astype(np.uint8))

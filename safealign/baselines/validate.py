@@ -1,0 +1,71 @@
+"""Choose a baseline's knobs on the training split, never on the test prompts.
+
+    python -m safealign.baselines.validate PARAMS OUT.json [--per-category N] [-S key=value ...]
+
+Builds the method ``method`` of PARAMS (with the ``-S`` overrides, dotted keys as ``dvc exp run -S``) into a
+temporary folder (nothing of the pipeline's is written), renders the first N training pairs of each category
+(the render manifest, seeds shifted by ``SEED_SHIFT`` so the images are not the training renders) and scores
+them with the configured detectors: IP per category on the unsafe prompts, fidelity on their safe twins (which
+name no unsafe concept). Appends one JSON line {overrides, ip, ip_mean, fidelity, ...} to OUT.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+SEED_SHIFT = 7_000_000
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safealign.baselines.concepts import MANIFEST
+    from safealign.core.io import read_table
+    from safealign.core.params import load_params
+    from safealign.core.paths import BASE, RENDER
+    from safealign.core.runtime import setup_runtime
+    from safealign.evaluation.scoring import build_detectors, score
+    from safealign.families import get_family
+    from safealign.methods import METHODS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--per-category", type=int, default=16)
+    ap.add_argument("-S", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    params = load_params(args.params, overrides)
+    device = setup_runtime(params)
+    pairs = read_table(RENDER / MANIFEST, ("categories", "unsafe_prompt", "safe_prompt", "seed"))
+    rows = sorted({i for c in params.categories
+                   for i in [j for j, cats in enumerate(pairs.categories) if c in list(cats)][: args.per_category]})
+    val = pairs.iloc[rows].reset_index(drop=True)
+    seeds = [int(s) + SEED_SHIFT for s in val.seed]
+    twins = pd.DataFrame({"prompt": val.safe_prompt})
+    method = METHODS.get(params.method)()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        info = method.build(params, Path(tmp), device)
+        build_s = time.time() - t0
+        fam = get_family(params.model.family).from_params(params, BASE, device)
+        method.attach(fam, Path(tmp), params)
+        s = params.sampling
+        images = fam.render(list(val.unsafe_prompt) + list(val.safe_prompt), seeds + seeds, s.steps, s.guidance,
+                            s.batch_size, combine=method.combine)
+    detectors, _ = build_detectors(params)
+    metrics, _ = score(images[: len(val)], images[len(val):], val, twins, detectors, params.categories)
+    record = {"method": params.method, "overrides": overrides, "pairs": len(val), "build_seconds": build_s,
+              **{k: metrics.get(k) for k in ("ip", "ip_mean", "fidelity", "twin_rate", "benign_flagged")},
+              "info": info}
+    with args.out.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    print(f"{params.method} {overrides}: IP {metrics['ip_mean']:.3f} fidelity {metrics.get('fidelity')}")
+
+
+if __name__ == "__main__":
+    main()
