@@ -313,7 +313,7 @@ def llm_overrides(base_url: str, key_env: str, **options: Any) -> dict[str, Any]
 
 def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = None) -> Path:
     """prompts, base, render, cost, clean, train@<each category> (and `all` if the merge rule is `single`, or
-    ``train_all``), merge, align, attack, evaluate: in order, without DVC. In this process unless ``inline=False``."""
+    ``train_all``), merge, align, attack, evaluate, report: in order, without DVC. In this process unless ``inline=False``."""
     run = run_inline if inline else run_stage
     raw = read_yaml((Path(project) / "params.yaml").read_text())
     if train_all is None:
@@ -322,7 +322,7 @@ def run_pipeline(project: Path, inline: bool = True, train_all: bool | None = No
         run(project, name)
     for cat in list(raw["categories"]) + (["all"] if train_all else []):
         run(project, "train", "--category", cat)
-    for name in ("merge", "align", "attack", "evaluate"):
+    for name in ("merge", "align", "attack", "evaluate", "report"):
         run(project, name)
     return project
 
