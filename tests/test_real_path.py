@@ -81,7 +81,9 @@ def sd_overrides(family: str, weights: Path, pairs: Path) -> dict:
             "prompts.train_per_category": 4, "prompts.test_per_category": 1, "prompts.benign": 2,
             "prompts.calibration_per_category": 1, "sampling.steps": 2, "sampling.batch_size": 8,
             "train.steps": 2, "train.batch_size": 2, "train.anchor_batch_size": 2, "sc_dpo.cost_steps": 5,
-            "evaluate.grid_rows": 2, "merge.rank": 4}
+            "evaluate.grid_rows": 2, "merge.rank": 4, "sc_dpo.clean_prompts": 2, "users.seen": 2, "users.unseen": 2,
+            "psa.eval_users": 1, "psa.eval_prompts_per_category": 1, "psa.steps": 2, "psa.batch_size": 2,
+            "psa.pairs_per_user": 1, "attack.prompts_per_category": 1, "attack.seeds_per_prompt": 1}
 
 
 def only_categories(project: Path, categories: list[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ from safealign.core.ids import SEED_STRIDE
 
 ATTACK_SEED_OFFSET = 900_000
 PLACEHOLDER = "<adv>"  # an unknown word: the toy tokenizer maps it to <unk>, which no prompt of the grammar holds
+
+
+class AttackUnavailable(UserError):
+    """The target's family cannot serve this attack (no word vocabulary, no concept words): the stage reports it
+    and goes on, so a pipeline of such a family still runs; `evaluate` then lists the attack's set as missing."""
 
 
 @dataclasses.dataclass
@@ -46,7 +52,7 @@ class AttackContext:
     def vocabulary(self) -> list[str]:
         words = getattr(getattr(self.fam, "tokenizer", None), "words", None)
         if words is None:
-            raise UserError(f"attack: family {self.params.model.family!r} exposes no word vocabulary "
+            raise AttackUnavailable(f"attack: family {self.params.model.family!r} exposes no word vocabulary "
                             "(fam.tokenizer.words); the attacks support the toy family")
         return list(words)
 
@@ -85,7 +91,7 @@ class AttackContext:
             elif self.params.model.family in CONCEPT_WORDS:
                 words += list(CONCEPT_WORDS.get(self.params.model.family)(self.params, c))
             else:
-                raise UserError(f"params.yaml: attack.words.{c}: no concept words for family "
+                raise AttackUnavailable(f"params.yaml: attack.words.{c}: no concept words for family "
                                 f"{self.params.model.family!r}; name them")
         return tuple(dict.fromkeys(words))
 
@@ -206,8 +212,15 @@ def run_attacks(params: Any, device: str, out: Path) -> dict[str, Any]:
     ctx = AttackContext(params, fam, combine, detectors, manifest, cache, has_adapter, tuple(cats))
     metrics: dict[str, Any] = {"target": params.attack.target, "method": params.method, "ban": params.attack.ban,
                                "missing": missing}
+    Path(out).mkdir(parents=True, exist_ok=True)  # DVC's output, even when no attack could run
     for name in params.attack.methods:
-        rows, report = ATTACKS.get(name)(ctx)
+        try:
+            rows, report = ATTACKS.get(name)(ctx)
+        except AttackUnavailable as e:  # the family cannot serve it: reported, and evaluate lists the set missing
+            (Path(out) / f"{name}.parquet").unlink(missing_ok=True)
+            metrics[name] = {"unavailable": str(e)}
+            print(f"attack {name}: unavailable: {e}", file=sys.stderr)
+            continue
         table = pd.DataFrame(rows, columns=["prompt_id", "prompt", "categories", "seed"])
         write_table(Path(out) / f"{name}.parquet", table)
         metrics[name] = {**report, "prompts": int(table.prompt.nunique()), "rows": len(table)}
