@@ -88,7 +88,7 @@ def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
     pairs = pd.read_parquet(project / "data/prompts/pairs.parquet")
     cats = read_yaml((project / "params.yaml").read_text())["categories"]
     assert {c for cs in pairs.categories for c in cs} == set(cats)
-    for name in ("base", "render"):
+    for name in ("base", "render", "users"):  # users: every method's per-user metrics in evaluate
         run_inline(project, name)
     for cat in cats:
         run_inline(project, "train", "--category", cat)
