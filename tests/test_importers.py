@@ -32,7 +32,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict |
 
 
 def test_registry_names() -> None:
-    assert set(IMPORTERS) == {"coprov2", "i2p", "ud"}
+    assert set(IMPORTERS) == {"coprov2", "i2p", "ud", "ring_a_bell", "p4d"}
 
 
 @pytest.mark.parametrize("raw,name", [("Hate", "hate"), ("Harrasment", "harassment"), ("self-harm", "self_harm"),

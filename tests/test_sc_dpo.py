@@ -253,5 +253,6 @@ def test_cost_stage_and_sc_dpo_method_on_the_tiny_project(tmp_path: Path, monkey
     assert any(not torch.equal(full[k], expert[k]) for k in full)
     info = json.loads((project / "metrics/align.json").read_text())
     assert info["method"] == "sc_dpo" and info["train_cost_l_mean"] > info["train_cost_w_mean"]
+    run_inline(project, "users")  # every method's per-user metrics
     run_inline(project, "evaluate")
     assert {"base", "aligned"} <= set(json.loads((project / "metrics/evaluate.json").read_text()))
