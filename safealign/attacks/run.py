@@ -195,7 +195,8 @@ def load_target(params: Any, device: str) -> tuple[Any, Any, bool]:
 def freeze(fam: Any) -> None:
     """No weight of the target (denoiser, adapters, text encoder) takes a gradient: attacks move prompts only."""
     fam.unet.requires_grad_(False)
-    fam.text_encoder.requires_grad_(False)
+    for encoder in getattr(fam, "text_encoders", None) or [fam.text_encoder]:  # SD families hold a list
+        encoder.requires_grad_(False)
 
 
 def run_attacks(params: Any, device: str, out: Path) -> dict[str, Any]:
