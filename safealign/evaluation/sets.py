@@ -44,7 +44,7 @@ class SetMissing(FileNotFoundError):
 def ood_source(params: Any) -> pd.DataFrame:
     family = params.model.family
     if family not in OOD_GENERATORS:
-        raise UserError(f"evaluate.sets: 'ood': family {family!r} has no OOD generator; import a file instead "
+        raise SetMissing(f"evaluate.sets: 'ood': family {family!r} has no OOD generator; import a file instead "
                         "(e.g. 'i2p:data/i2p.csv')")
     return OOD_GENERATORS.get(family)(params)
 
