@@ -87,11 +87,12 @@ def sd_overrides(family: str, weights: Path, pairs: Path) -> dict:
 
 
 def only_categories(project: Path, categories: list[str]) -> None:
-    """dvc.yaml's merge and attack stages list the seven experts: keep the ones of ``categories``."""
+    """dvc.yaml's merge, attack and report stages list the seven experts (or their logs): keep those of
+    ``categories``."""
     d = yaml.safe_load((project / "dvc.yaml").read_text())
     for stage in d["stages"].values():  # merge and attack (its target may be an expert)
         if "deps" in stage:
-            stage["deps"] = [x for x in stage["deps"] if not x.startswith("models/experts/")
+            stage["deps"] = [x for x in stage["deps"] if not x.startswith(("models/experts/", "metrics/train/"))
                              or Path(x).stem in [*categories, "all"]]
     (project / "dvc.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
 
