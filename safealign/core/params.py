@@ -45,7 +45,16 @@ class Model(Section):
 
 
 class Runtime(Section):
-    threads: int = Field(2, ge=0, description="torch CPU threads; 0 = torch's default")
+    threads: int | Literal["auto"] = Field(2, description=(
+        "torch CPU threads: a number (0 = torch's default) or 'auto' (the cores idle at the stage's start); "
+        "the policy: safealign/core/runtime.py"))
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"must be 'auto' or a whole number >= 0, not {v!r}")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda[:N]'")
     launcher: str = Field("python", min_length=1, description=(
         "what runs the train stages (dvc.yaml: `${runtime.launcher} -m stages.train`): python, or e.g. "
