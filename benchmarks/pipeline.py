@@ -4,6 +4,7 @@ on a quiet machine and with one CPU kept busy by a burner process, side by side 
     python benchmarks/pipeline.py                    # the params.yaml of HEAD (minutes per pass)
     python benchmarks/pipeline.py --tiny             # the tests' tiny settings: a smoke run of this script
     python benchmarks/pipeline.py --no-busy          # the quiet pass only
+    python benchmarks/pipeline.py --no-quiet         # the busy pass only
 
 Each pass clones the repository's HEAD into a scratch folder (``git clone``, so uncommitted edits are not
 measured), points DVC at an empty cache of its own and runs ``dvc repro``; a stage's time runs from DVC's
@@ -64,8 +65,8 @@ def one_pass(workdir: Path, name: str, use_tiny: bool) -> dict[str, float]:
             now = time.perf_counter()
             if stage:
                 times[stage] = now - last
+                print(f"[{name}] {stage}: {times[stage]:.1f} s", file=sys.stderr, flush=True)
             stage, last = m.group(1), now
-            print(f"[{name}] {stage}", file=sys.stderr, flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"dvc repro failed in {clone} (status {proc.returncode})")
     end = time.perf_counter()
@@ -86,10 +87,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny settings (a smoke run of the script)")
     ap.add_argument("--no-busy", action="store_true", help="skip the pass with one busy core")
+    ap.add_argument("--no-quiet", action="store_true", help="skip the quiet pass")
     ap.add_argument("--workdir", help="scratch folder (default: a new temporary one)")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
-    out = {"quiet": one_pass(workdir, "quiet", args.tiny)}
+    out = {} if args.no_quiet else {"quiet": one_pass(workdir, "quiet", args.tiny)}
     if not args.no_busy:
         burner = mp.Process(target=burn, daemon=True)
         burner.start()
@@ -97,12 +99,13 @@ def main() -> None:
             out["busy"] = one_pass(workdir, "busy", args.tiny)
         finally:
             burner.terminate()
-        out["busy_over_quiet"] = out["busy"]["total"] / out["quiet"]["total"]
-    stages = list(out["quiet"])
+        if "quiet" in out:
+            out["busy_over_quiet"] = out["busy"]["total"] / out["quiet"]["total"]
+    stages = list(out.get("quiet") or out.get("busy") or {})
     print(f"{'stage':28s} {'quiet s':>9s} {'busy s':>9s}")
     for s in stages:
-        busy = out.get("busy", {}).get(s)
-        print(f"{s:28s} {out['quiet'][s]:9.1f} {'' if busy is None else f'{busy:9.1f}':>9s}")
+        cells = [out.get(p, {}).get(s) for p in ("quiet", "busy")]
+        print(f"{s:28s} " + " ".join(f"{'' if c is None else f'{c:.1f}':>9s}" for c in cells))
     print(json.dumps(out))
 
 
