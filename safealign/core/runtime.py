@@ -6,7 +6,9 @@ The threading policy (issue 17), all of it here:
   already sets it) before torch loads its OpenMP runtime: a thread that reaches a barrier first sleeps instead of
   spinning. With the default spin-wait, two torch threads beside one busy process ran toy pretraining 4.3x slower
   than on a quiet machine (measured: 0.75 against 3.20 steps/s); with passive waiting, 1.8x (1.69 against 3.09
-  steps/s), and no measurable loss on a quiet machine. A busy core then costs about its share.
+  steps/s), and no measurable loss on a quiet machine. In the whole default pipeline beside one busy core
+  (``benchmarks/pipeline.py``) ``base`` ran 1.9x slower, ``render`` 2.5x and the experts' LoRA training still
+  2.8-3.5x: on a shared machine, one thread (or ``auto``) is the setting that loses nothing.
 - **Thread count.** ``runtime.threads``: a number (2 by default, for a quiet 2-core machine; results are
   deterministic for a given count, so the committed ``dvc.lock`` reproduces byte for byte only at that count),
   0 for torch's default, or ``auto``: the cores idle when the stage starts (sampled from ``/proc/stat`` over
