@@ -251,6 +251,12 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     assert proc.returncode == -signal.SIGKILL
 
 
+def assert_dvc_clean(status_json: str) -> None:
+    """`dvc status --json` shows nothing to do but the report, which is re-run on every repro by design."""
+    status = json.loads(status_json)
+    assert status in ({}, {"report": ["always changed"]}), status
+
+
 def count_lines(path: Path) -> int:
     """Lines in a text file (0 when it does not exist yet)."""
     path = Path(path)

@@ -3,14 +3,12 @@ to a local remote; a fresh `git clone` pulls them, `dvc status` is clean, and ev
 byte-identical to the original."""
 from __future__ import annotations
 
-import json
-
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import file_hashes, run_command, run_inline
+from conftest import assert_dvc_clean, file_hashes, run_command, run_inline
 
 ARTIFACTS = ("data/prompts/*.parquet", "data/render/**/*", "models/**/*", "data/eval/**/*", "metrics/**/*",
              "plots/*", "dvc.lock")
@@ -24,12 +22,6 @@ def git(project: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
 
 
-
-def assert_clean(status_json: str) -> None:
-    """`dvc status --json` shows nothing to do but the report, which is re-run on every repro by design."""
-    status = json.loads(status_json)
-    assert status in ({}, {"report": ["always changed"]}), status
-
 def test_push_clone_pull_gives_every_artifact_back(tiny_reference: Path, tmp_path: Path) -> None:
     project = tmp_path / "team"
     shutil.copytree(tiny_reference, project, ignore=shutil.ignore_patterns("__pycache__", "checkpoints", ".cache"))
@@ -39,7 +31,7 @@ def test_push_clone_pull_gives_every_artifact_back(tiny_reference: Path, tmp_pat
     git(project, "config", "user.name", "test")
     dvc(project, "init", "-q")
     dvc(project, "commit", "-f")  # the pipeline already ran (tiny_reference): record it in dvc.lock
-    assert_clean(dvc(project, "status", "--json").stdout)
+    assert_dvc_clean(dvc(project, "status", "--json").stdout)
     remote = tmp_path / "remote"
     dvc(project, "remote", "add", "-d", "shared", str(remote))
     git(project, "add", "-A")
@@ -51,7 +43,7 @@ def test_push_clone_pull_gives_every_artifact_back(tiny_reference: Path, tmp_pat
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
     assert not (clone / "models/merged").exists()  # cached outputs are not in git
     dvc(clone, "pull")
-    assert_clean(dvc(clone, "status", "--json").stdout)
+    assert_dvc_clean(dvc(clone, "status", "--json").stdout)
     original = file_hashes(project, *ARTIFACTS)
     assert len([k for k in original if k.startswith("models/experts/")]) >= 7
     assert file_hashes(clone, *ARTIFACTS) == original

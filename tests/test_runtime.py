@@ -12,6 +12,8 @@ from safealign.core.errors import ParamsError
 from safealign.core.params import load_params
 from safealign.core.runtime import choose_threads
 
+from conftest import ROOT, read_yaml
+
 
 def _env_without(key: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != key}
@@ -30,7 +32,7 @@ def test_a_stage_command_gets_passive_waiting_too() -> None:
     code = ("import sys, os; import stages.render; assert 'torch' in sys.modules; "
             "print(os.environ['OMP_WAIT_POLICY'])")
     out = subprocess.run([sys.executable, "-c", code], env=_env_without("OMP_WAIT_POLICY"), capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         text=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "PASSIVE", out.stderr
 
 
@@ -55,19 +57,20 @@ def test_choose_threads(setting, idle, cores, want) -> None:
     assert choose_threads(setting, idle, cores) == want
 
 
-@pytest.mark.parametrize("bad", [-1, "many", 1.5, True])
-def test_a_bad_thread_setting_fails_naming_the_key(tmp_path, bad) -> None:
-    d = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "params.yaml")))
-    d["runtime"]["threads"] = bad
+def params_with_threads(tmp_path, value) -> object:
+    """The repository's params.yaml with ``runtime.threads: value``, loaded."""
+    d = read_yaml((ROOT / "params.yaml").read_text())
+    d["runtime"]["threads"] = value
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(d))
+    return load_params(p)
+
+
+@pytest.mark.parametrize("bad", [-1, "many", 1.5, True])
+def test_a_bad_thread_setting_fails_naming_the_key(tmp_path, bad) -> None:
     with pytest.raises(ParamsError, match=r"runtime\.threads: must be 'auto' or a whole number >= 0"):
-        load_params(p)
+        params_with_threads(tmp_path, bad)
 
 
 def test_auto_is_accepted(tmp_path) -> None:
-    d = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "params.yaml")))
-    d["runtime"]["threads"] = "auto"
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(d))
-    assert load_params(p).runtime.threads == "auto"
+    assert params_with_threads(tmp_path, "auto").runtime.threads == "auto"
