@@ -120,6 +120,9 @@ def test_psa_params_are_validated() -> None:
         params(psa__embedder="nope")
     with pytest.raises(ParamsError, match="psa.colour: unknown key"):
         params(psa__colour=1)
+    for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none")):
+        with pytest.raises(ParamsError, match=f"psa.{key}"):
+            params(**{f"psa__{key}": bad})
     assert params(method="psa").psa.tokens > 1  # default N > 1
 
 
@@ -186,14 +189,15 @@ def test_win_rate_on_hand_built_verdicts() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the branch
-@pytest.mark.parametrize("key_init", ["zeros", "random"])
-def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str) -> None:
+@pytest.mark.parametrize("key_init,query,null_token", [("zeros", "hidden", False), ("random", "hidden", False),
+                                                       ("random", "text", True)])
+def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, query: str, null_token: bool) -> None:
     from safealign.psa.branch import UserFamily, attach_branch, detach_branch
 
     fam = tiny_toy
     prompts, seeds = ["a red circle", "a pink square on a gray background", "a blue cross"], [1, 2, 3]
     base = fam.render(prompts, seeds, steps=4, guidance=2.0)
-    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init, query=query, null_token=null_token)
     try:
         keys = sum(layer.to_k_user.weight.abs().sum().item() for layer in branch.layers.values())
         assert (keys == 0) == (key_init == "zeros")
@@ -204,17 +208,24 @@ def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str) -
         assert not np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
         with branch.disabled():
             assert np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+        nobody = UserFamily(fam, branch, None)  # the zero vector on both sides of guidance
+        branch.unconditional = "off"  # a zero vector means no user: the trained branch adds nothing
+        assert np.array_equal(nobody.render(prompts, seeds, steps=4, guidance=2.0), base)
+        branch.unconditional = "zeros"  # PSAlign's: the branch runs on the zero vector too
+        assert not np.array_equal(nobody.render(prompts, seeds, steps=4, guidance=2.0), base)
     finally:
         detach_branch(fam.unet, branch)
     assert np.array_equal(fam.render(prompts, seeds, steps=4, guidance=2.0), base)
 
 
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int) -> None:
+@pytest.mark.parametrize("tokens,null_token", [(1, False), (4, False), (1, True)])
+def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int, null_token: bool) -> None:
+    """The release's single token: softmax over one key is 1, so to_k_user gets no gradient. With more tokens,
+    or one token beside the null token (key 0, value 0), the keys learn."""
     from safealign.psa.branch import attach_branch, detach_branch
 
     fam = tiny_toy
-    branch = attach_branch(fam.unet, 12, tokens, 1.0)
+    branch = attach_branch(fam.unet, 12, tokens, 1.0, null_token=null_token)
     try:
         g = torch.Generator().manual_seed(0)
         for layer in branch.layers.values():  # off zero: with V = 0 no key gets a gradient, whatever N
@@ -227,7 +238,7 @@ def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int) ->
         k_grad = sum(p.grad.abs().sum().item() for p in branch.user_parameters("k"))
         v_grad = sum(layer.to_v_user.weight.grad.abs().sum().item() for layer in branch.layers.values())
         assert v_grad > 0
-        if tokens == 1:
+        if tokens == 1 and not null_token:
             assert k_grad == 0.0
         else:
             assert k_grad > 1e-6
@@ -241,7 +252,7 @@ def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
     from safealign.psa.branch import attach_branch, detach_branch, load_branch, save_branch
 
     fam = tiny_toy
-    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4)
+    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4, query="text", null_token=True)
     for layer in branch.layers.values():
         torch.nn.init.normal_(layer.to_k_user.weight)
     save_branch(tmp_path / "b.safetensors", branch, embedder="test")
@@ -250,6 +261,7 @@ def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
     loaded, meta = load_branch(tmp_path / "b.safetensors", fam.unet)
     try:
         assert meta["n_tokens"] == "3" and meta["embedder"] == "test" and loaded.scale == 0.5
+        assert loaded.query == "text" and loaded.null_token
         for k, v in loaded.state_dict().items():
             assert torch.equal(v, state[k])
         with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
@@ -264,6 +276,35 @@ def test_masked_sum() -> None:
     h = torch.arange(12.0).view(1, 3, 4).repeat(2, 1, 1)
     m = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert masked_sum(h, m).tolist() == [[4.0, 6.0, 8.0, 10.0], [0.0, 1.0, 2.0, 3.0]]
+
+
+def test_profile_parts_split_the_lists_from_the_rest() -> None:
+    from safealign.psa.embed import profile_parts
+
+    text = "Age: 12 (child). Banned categories: sexual, violence. Gender: male. Allowed categories: hate."
+    assert profile_parts(text) == ["Age: 12 (child). Gender: male.", "Banned categories: sexual, violence.",
+                                   "Allowed categories: hate."]
+    assert profile_parts("Allowed categories: hate") == ["", "Banned categories:", "Allowed categories: hate"]
+    assert profile_parts("a child") == ["a child", "Banned categories:", "Allowed categories:"]
+
+
+def test_embed_profiles_whole_or_by_fields() -> None:
+    from safealign.psa.embed import embed_profiles
+
+    calls: list[list[str]] = []
+
+    def embedder(texts: list[str]) -> np.ndarray:  # one number per text: its length
+        calls.append(list(texts))
+        return np.array([[len(t)] for t in texts], np.float32)
+
+    texts = ["Age: 9. Banned categories: hate. Allowed categories: none.", "Age: 40."]
+    assert embed_profiles(embedder, texts, "whole").tolist() == [[len(texts[0])], [8.0]]
+    out = embed_profiles(embedder, texts, "fields")
+    assert out.tolist() == [[7.0, 24.0, 25.0], [8.0, 18.0, 19.0]]
+    assert calls[1:] == [["Age: 9.", "Age: 40."], ["Banned categories: hate.", "Banned categories:"],
+                         ["Allowed categories: none.", "Allowed categories:"]]
+    with pytest.raises(ValueError, match="profile_parts"):
+        embed_profiles(embedder, texts, "halves")
 
 
 def test_minilm_embedder_local_files() -> None:

@@ -301,10 +301,21 @@ class Psa(Section):
     """PSA (safealign/psa): profile embeddings, the user branch, its training and the per-user evaluation."""
     embedder: str = Field("minilm", description="profile embedder (safealign.psa.EMBEDDERS)")
     embedder_path: str = Field("", description="llm: a local causal-LM folder (transformers)")
-    tokens: int = Field(4, ge=1, description="N user tokens (PSAlign's release: 1)")
+    profile_parts: Literal["fields", "whole"] = Field("fields", description=(
+        "fields: the demographics, the banned and the allowed sentence embedded apart and concatenated; "
+        "whole: the profile text in one piece (the release)"))
+    tokens: int = Field(8, ge=1, description="N user tokens (PSAlign's release: 1)")
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
         "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
+    query: Literal["hidden", "text"] = Field("text", description=(
+        "the user branch's queries: hidden = the text attention's (PSAlign); text = the hidden states after the "
+        "text attention (the branch sees what the prompt asked for)"))
+    null_token: bool = Field(True, description=(
+        "add a key 0 / value 0 to the user tokens: a query that matches no user key adds nothing"))
+    unconditional: Literal["zeros", "off"] = Field("off", description=(
+        "the unconditional side of guidance: zeros = the branch on the zero user vector (PSAlign); off = no "
+        "branch there (a zero vector means no user)"))
     loss: str = Field("dpo", description="preference loss (safealign.training.LOSSES)")
     beta: float | None = Field(None, gt=0, description="null = train.beta")
     lr: float = Field(1e-2, gt=0)
@@ -312,7 +323,7 @@ class Psa(Section):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1, description="per-user pairs per step")
     pairs_per_user: int = Field(24, ge=1, description="render pairs drawn per seen user (each under both captions)")
-    sft_weight: float = Field(5.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
+    sft_weight: float = Field(1.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
     judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
     judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="vlm judge settings")

@@ -79,10 +79,14 @@ class UserAttnProcessor(nn.Module):
             raise ValueError("the user branch supports transformer-block cross-attention (3-d hidden states)")
         b = hidden_states.shape[0]
         tokens = branch.projection(user.to(hidden_states.dtype))  # (B, N, cross_dim)
-        q = attn.to_q(hidden_states)
+        # query "text": the user branch reads the hidden states after the text attention, so it sees what the
+        # prompt asked for at each position; "hidden": the same queries as the text attention (PSAlign)
+        q = attn.to_q(hidden_states + out if branch.query == "text" else hidden_states)
         k, v = self.to_k_user(tokens), self.to_v_user(tokens)
         heads = attn.heads
         hd = k.shape[-1] // heads
+        if branch.null_token:  # a key of 0 with a value of 0: a query that matches no user key attends to nothing
+            k, v = (torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1) for x in (k, v))
         q, k, v = (x.view(b, -1, heads, hd).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, hd)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -92,15 +96,23 @@ class UserAttnProcessor(nn.Module):
         lin = attn.to_out[0]
         u = lin(u) - lin.bias if getattr(lin, "bias", None) is not None else lin(u)
         u = attn.to_out[1](u)
+        if branch.unconditional == "off":  # a zero user vector (the unconditional side) means no user: adds 0
+            u = u * (user != 0).any(-1).to(u.dtype).view(b, 1, 1)
         return out + branch.scale * u / attn.rescale_output_factor
 
 
 class UserBranch(nn.Module):
     """The trainable parts: the projection and each cross-attention layer's user key/value."""
 
-    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, scale: float, key_init: str = "zeros") -> None:
+    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, scale: float, key_init: str = "zeros",
+                 query: str = "hidden", null_token: bool = False, unconditional: str = "zeros") -> None:
         super().__init__()
+        if unconditional not in ("zeros", "off"):
+            raise ValueError(f"the user branch's unconditional side must be 'zeros' or 'off', got {unconditional!r}")
+        if query not in ("hidden", "text"):
+            raise ValueError(f"the user branch's query must be 'hidden' or 'text', got {query!r}")
         self.embed_dim, self.n_tokens, self.scale, self.key_init = embed_dim, n_tokens, scale, key_init
+        self.query, self.null_token, self.unconditional = query, null_token, unconditional
         self.projection = UserProjection(embed_dim, cross_dim, n_tokens)
         self.layers = nn.ModuleDict()
         self.enabled = True
@@ -122,14 +134,16 @@ class UserBranch(nn.Module):
 
 
 def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: int = 0,
-                  key_init: str = "zeros") -> UserBranch:
+                  key_init: str = "zeros", query: str = "hidden", null_token: bool = False,
+                  unconditional: str = "zeros") -> UserBranch:
     """Install a user branch on every cross-attention layer of ``unet`` (a diffusers UNet): ``to_v_user`` zero,
     ``to_k_user`` zero (``key_init="zeros"``, PSAlign) or nn.Linear's random init (``"random"``: the keys tell
     queries apart from the first step). The random inits come from ``seed``."""
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
-        branch = UserBranch(embed_dim, unet.config.cross_attention_dim, n_tokens, scale, key_init)
+        branch = UserBranch(embed_dim, unet.config.cross_attention_dim, n_tokens, scale, key_init, query,
+                            null_token, unconditional)
         old = unet.attn_processors
         procs = {}
         modules = dict(unet.named_modules())
@@ -156,7 +170,8 @@ def detach_branch(unet: Any, branch: UserBranch) -> None:
 def save_branch(path: Path, branch: UserBranch, **meta: str) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
     info = {"embed_dim": str(branch.embed_dim), "n_tokens": str(branch.n_tokens), "scale": repr(branch.scale),
-            "key_init": branch.key_init,
+            "key_init": branch.key_init, "query": branch.query, "null_token": str(branch.null_token).lower(),
+            "unconditional": branch.unconditional,
             "layers": json.dumps(sorted(branch.layers)), **meta}
     with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(safetensors_bytes(tensors, info))
@@ -171,7 +186,9 @@ def load_branch(path: Path, unet: Any) -> tuple[UserBranch, dict[str, str]]:
         raise FileNotFoundError(f"{path}: the user branch is missing; run `dvc repro align` with method psa")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
-    branch = attach_branch(unet, int(meta["embed_dim"]), int(meta["n_tokens"]), float(meta["scale"]))
+    branch = attach_branch(unet, int(meta["embed_dim"]), int(meta["n_tokens"]), float(meta["scale"]),
+                           query=meta.get("query", "hidden"), null_token=meta.get("null_token") == "true",
+                           unconditional=meta.get("unconditional", "zeros"))
     if sorted(branch.layers) != json.loads(meta["layers"]):
         detach_branch(unet, branch)
         raise ValueError(f"{path}: the branch was trained for other cross-attention layers than this model's")

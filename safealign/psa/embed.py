@@ -5,6 +5,13 @@
 - ``llm``: a local causal LM through transformers (``psa.embedder_path``, a model folder; local files only):
   the attention-masked **sum** over tokens of the last hidden state, as PSAlign does with Qwen2.5-7B-Instruct
   (D = the model's hidden size).
+
+``psa.profile_parts`` (``embed_profiles``): ``whole`` embeds the profile text in one piece (the release);
+``fields`` (default) embeds its three parts apart (the demographics, the ``Banned categories:`` sentence, the
+``Allowed categories:`` sentence) and concatenates them (D x 3). Measured on the default users (minilm,
+logistic probe trained on the 64 seen users, tested on the 32 unseen): whether each category is banned is read
+back from the whole-text vector with accuracy 0.81-0.83 (one category 0.56), from the field vectors with 1.00.
+A mean-pooled vector of the whole text mixes the two lists, which name the same words.
 """
 from __future__ import annotations
 
@@ -36,6 +43,36 @@ class MiniLMEmbedder:
             return np.zeros((0, 384), np.float32)
         return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                  show_progress_bar=False).astype(np.float32)
+
+
+MARKERS = ("Banned categories:", "Allowed categories:")
+
+
+def profile_parts(text: str) -> list[str]:
+    """A profile text -> [the rest, the banned sentence, the allowed sentence]. A list sentence runs from its
+    marker to the next full stop (or the end); the rest is the text without them. A part whose marker is missing
+    is the marker alone (the embedder then reads "no list given")."""
+    parts, rest = [], text
+    for m in MARKERS:
+        i = rest.find(m)
+        if i < 0:
+            parts.append(m)
+            continue
+        j = rest.find(".", i)
+        j = len(rest) if j < 0 else j + 1
+        parts.append(rest[i:j].strip())
+        rest = rest[:i] + rest[j:]
+    return [" ".join(rest.split()), *parts]
+
+
+def embed_profiles(embedder: Any, texts: Sequence[str], parts: str) -> np.ndarray:
+    """``embedder`` (texts -> (N, D)) applied by ``psa.profile_parts``: ``whole`` (N, D) or ``fields`` (N, 3 D)."""
+    if parts == "whole":
+        return embedder(list(texts))
+    if parts != "fields":
+        raise ValueError(f"psa.profile_parts must be 'whole' or 'fields', got {parts!r}")
+    split = [profile_parts(t) for t in texts]
+    return np.concatenate([embedder([s[k] for s in split]) for k in range(len(MARKERS) + 1)], axis=1)
 
 
 def masked_sum(hidden: Any, mask: Any) -> Any:

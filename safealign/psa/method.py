@@ -52,8 +52,10 @@ def read_users() -> tuple[Any, torch.Tensor, dict[str, str]]:
 
 def embed_texts(params: Any, texts: list[str], device: str = "cpu") -> torch.Tensor:
     from safealign.psa import EMBEDDERS
+    from safealign.psa.embed import embed_profiles
 
-    return torch.from_numpy(EMBEDDERS.get(params.psa.embedder)(params, device)(texts)).float()
+    embedder = EMBEDDERS.get(params.psa.embedder)(params, device)
+    return torch.from_numpy(embed_profiles(embedder, texts, params.psa.profile_parts)).float()
 
 
 class Psa:
@@ -72,7 +74,8 @@ class Psa:
                          c.pairs_per_user, params.seed)
         data = user_pairs(plan, cache, vectors[torch.tensor(seen)])
         fam = get_family(params.model.family).from_params(params, BASE, device)
-        branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init)
+        branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
+                               query=c.query, null_token=c.null_token, unconditional=c.unconditional)
         branch.projection.standardise_from(vectors[torch.tensor(seen)])
         loss_fn = LOSSES.get(c.loss)
         summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, loss_fn, params.seed * 1000 + 16,
