@@ -2,8 +2,9 @@
 
 Each named setting trains the user branch (as `align` does with `method: psa`) and is judged on
 **validation users**: the users the default generator draws next after the seen and unseen ones (the same
-rules, demographics disjoint from both), with the **train-split** prompts (the first
-``psa.eval_prompts_per_category`` of each category). The test users and test prompts of `evaluate` are not read.
+rules, demographics disjoint from both), with **validation prompts**: the first ``psa.eval_prompts_per_category``
+train-split prompts of each category, held out of the branch's training (no render pair with one of those
+unsafe prompts is drawn for the per-user pairs). The test users and test prompts of `evaluate` are not read.
 Needs the default pipeline's outputs in the workspace (`dvc repro users render base`).
 
     python benchmarks/psa_validation.py --set release:psa.query=hidden,psa.null_token=false,psa.unconditional=zeros \
@@ -63,8 +64,14 @@ def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str,
     vectors = embed_texts(params, list(users.profile), device)  # this setting's embedding (profile_parts ...)
     seen = torch.tensor((users.split == "seen").to_numpy())
     manifest, cache = read_cache()
-    plan = pair_plan(users[seen.numpy()].reset_index(drop=True), list(manifest.categories), cats, c.pairs_per_user,
-                     params.seed)
+    pairs = read_table(PAIRS, PAIR_COLUMNS)
+    pool = pairs[pairs.split == "train"].reset_index(drop=True)
+    sub = pool.iloc[eval_rows(pool, cats, c.eval_prompts_per_category)].reset_index(drop=True)
+    # the validation prompts are held out of training: no render pair with one of their unsafe prompts is used
+    prompt_of = dict(zip(pairs.pair_id, pairs.unsafe_prompt))
+    held = set(sub.unsafe_prompt)
+    plan_cats = [[] if prompt_of.get(pid) in held else list(cs) for pid, cs in zip(manifest.pair_id, manifest.categories)]
+    plan = pair_plan(users[seen.numpy()].reset_index(drop=True), plan_cats, cats, c.pairs_per_user, params.seed)
     data = user_pairs(plan, cache, vectors[seen])
     fam = get_family(params.model.family).from_params(params, BASE, device)
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
@@ -79,9 +86,6 @@ def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str,
     if set(val.profile) & set(users.profile):
         raise RuntimeError("validation users overlap the users table (not the default generator's table?)")
     val_vectors = embed_texts(params, list(val.profile), device)
-    pairs = read_table(PAIRS, PAIR_COLUMNS)
-    pool = pairs[pairs.split == "train"].reset_index(drop=True)
-    sub = pool.iloc[eval_rows(pool, cats, c.eval_prompts_per_category)].reset_index(drop=True)
     sp = params.sampling
     images = np.concatenate([UserFamily(fam, branch, val_vectors[i]).render(
         list(sub.unsafe_prompt), [int(s) for s in sub.seed], sp.steps, sp.guidance, sp.batch_size)
@@ -89,7 +93,8 @@ def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str,
     shown = JUDGES.get("toy")(params).shown(images)
     cases = _cases(val, _mask(sub.categories, cats), cats)
     rates = pass_rates(shown, cases["carried"], cases["banned"], cases["allowed"], cats)
-    return {"rates": rates, "train": train, "users": len(val), "prompts": len(sub)}
+    return {"rates": rates, "train": train, "users": len(val), "prompts": len(sub), "pairs": len(data),
+            "held_out_render_pairs": sum(not x for x in plan_cats)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params, {"runtime.threads": args.threads, "method": "psa", **overrides})
         device = setup_runtime(params)
         with tempfile.TemporaryDirectory() as tmp:
-            results[name] = {"overrides": overrides, **validate(params, device, args.users, Path(tmp))}
+            results[name] = {"overrides": overrides, "psa": params.psa.model_dump(),
+                             **validate(params, device, args.users, Path(tmp))}
         r = results[name]["rates"]
         print(f"{name}: pass {r['pass_rate']:.3f} banned-respected {r['banned_respected']:.3f} "
               f"allowed-respected {r['allowed_respected']:.3f}", file=sys.stderr, flush=True)

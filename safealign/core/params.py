@@ -308,7 +308,7 @@ class Psa(Section):
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
         "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
-    query: Literal["hidden", "text"] = Field("text", description=(
+    query: Literal["hidden", "text"] = Field("hidden", description=(
         "the user branch's queries: hidden = the text attention's (PSAlign); text = the hidden states after the "
         "text attention (the branch sees what the prompt asked for)"))
     null_token: bool = Field(True, description=(
