@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from safealign.core.params import load_params
@@ -45,24 +44,19 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
 
 def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str, Any]:
     from safealign.core.io import read_table
-    from safealign.core.paths import BASE, PAIRS
-    from safealign.families import get_family
+    from safealign.core.paths import PAIRS
     from safealign.prompts.schema import PAIR_COLUMNS
     from safealign.psa import JUDGES
-    from safealign.psa.branch import UserFamily, attach_branch
+    from safealign.psa.branch import UserFamily
     from safealign.psa.evaluate import _cases, _mask, eval_rows
-    from safealign.psa.method import embed_texts, read_users
+    from safealign.psa.method import embed_texts, read_users, train_user_branch
     from safealign.psa.metrics import pass_rates
-    from safealign.psa.pairs import pair_plan, user_pairs
-    from safealign.psa.train import train_branch
     from safealign.psa.users import generate_users
-    from safealign.training import LOSSES
     from safealign.training.data import read_cache
 
     c, cats, u = params.psa, tuple(params.categories), params.users
     users, _, _ = read_users()
     vectors = embed_texts(params, list(users.profile), device)  # this setting's embedding (profile_parts ...)
-    seen = torch.tensor((users.split == "seen").to_numpy())
     manifest, cache = read_cache()
     pairs = read_table(PAIRS, PAIR_COLUMNS)
     pool = pairs[pairs.split == "train"].reset_index(drop=True)
@@ -71,16 +65,10 @@ def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str,
     prompt_of = dict(zip(pairs.pair_id, pairs.unsafe_prompt))
     held = set(sub.unsafe_prompt)
     plan_cats = [[] if prompt_of.get(pid) in held else list(cs) for pid, cs in zip(manifest.pair_id, manifest.categories)]
-    plan = pair_plan(users[seen.numpy()].reset_index(drop=True), plan_cats, cats, c.pairs_per_user, params.seed)
-    data = user_pairs(plan, cache, vectors[seen])
-    fam = get_family(params.model.family).from_params(params, BASE, device)
-    branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
-                           query=c.query, null_token=c.null_token, unconditional=c.unconditional)
-    branch.projection.standardise_from(vectors[seen])
     t0 = time.perf_counter()
-    train = train_branch(fam, branch, data, c, c.beta or params.train.beta, LOSSES.get(c.loss),
-                         params.seed * 1000 + 16, log_dir / "train.csv")
-    train["seconds"] = round(time.perf_counter() - t0, 1)
+    fam, branch, _, data, train = train_user_branch(params, users, vectors, plan_cats, cache, device,
+                                                    log_dir / "train.csv")
+    train["seconds"] = round(time.perf_counter() - t0, 1)  # the base model's loading included (under a second on the toy)
     drawn = generate_users(cats, u.seen, u.unseen + n_users, params.seed, u.consider, u.variety)
     val = drawn.iloc[len(users):].reset_index(drop=True)
     if set(val.profile) & set(users.profile):
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         r = results[name]["rates"]
         print(f"{name}: pass {r['pass_rate']:.3f} banned-respected {r['banned_respected']:.3f} "
               f"allowed-respected {r['allowed_respected']:.3f}", file=sys.stderr, flush=True)
-    print("\n| setting | pass rate | banned respected | allowed respected | train margin (last 20) | train s |")
+    print("\n| setting | pass rate | banned respected | allowed respected | train margin (last 20) | train s (model load included) |")
     print("|---|---|---|---|---|---|")
     for name, res in results.items():
         r, t = res["rates"], res["train"]

@@ -58,28 +58,40 @@ def embed_texts(params: Any, texts: list[str], device: str = "cpu") -> torch.Ten
     return torch.from_numpy(embed_profiles(embedder, texts, params.psa.profile_parts)).float()
 
 
+def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categories: list[Any],
+                      cache: dict[str, torch.Tensor], device: str, log_csv: Path) -> tuple[Any, Any, list, Any, dict]:
+    """The seen users' per-user pairs (pair rule, ``pairs.py``) from the render cache, the branch attached to the
+    base denoiser by ``params.psa`` and trained (``train.py``). ``pair_categories``: each render pair's categories
+    (a pair given none is never drawn). Returns (family, branch, plan, pairs, the last-20 training summary)."""
+    from safealign.training import LOSSES
+
+    c = params.psa
+    seen = torch.tensor((users.split == "seen").to_numpy())
+    plan = pair_plan(users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
+                     c.pairs_per_user, params.seed)
+    data = user_pairs(plan, cache, vectors[seen])
+    fam = get_family(params.model.family).from_params(params, BASE, device)
+    branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
+                           query=c.query, null_token=c.null_token, unconditional=c.unconditional)
+    branch.projection.standardise_from(vectors[seen])
+    summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, LOSSES.get(c.loss),
+                           params.seed * 1000 + 16, log_csv)
+    return fam, branch, plan, data, summary
+
+
 class Psa:
     name = "psa"
     combine = None  # the branch changes the denoiser; the guidance rule is the default
 
     def build(self, params: Any, out: Path, device: str) -> dict[str, Any]:
-        from safealign.training import LOSSES
         from safealign.training.data import read_cache
 
         c, out = params.psa, Path(out)
         users, vectors, meta = read_users()
-        seen = (users.split == "seen").to_numpy()
         manifest, cache = read_cache()
-        plan = pair_plan(users[seen].reset_index(drop=True), list(manifest.categories), params.categories,
-                         c.pairs_per_user, params.seed)
-        data = user_pairs(plan, cache, vectors[torch.tensor(seen)])
-        fam = get_family(params.model.family).from_params(params, BASE, device)
-        branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
-                               query=c.query, null_token=c.null_token, unconditional=c.unconditional)
-        branch.projection.standardise_from(vectors[torch.tensor(seen)])
-        loss_fn = LOSSES.get(c.loss)
-        summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, loss_fn, params.seed * 1000 + 16,
-                               out / "train.csv")
+        _, branch, plan, data, summary = train_user_branch(params, users, vectors, list(manifest.categories), cache,
+                                                          device, out / "train.csv")
+        seen = (users.split == "seen").to_numpy()
         save_branch(out / BRANCH, branch, embedder=meta.get("embedder", ""),
                     psa=json.dumps(c.model_dump(), sort_keys=True))
         default = embed_texts(params, [default_profile(params.categories)])
