@@ -6,7 +6,9 @@ The one place the methods' names live. Entries are lazy (``"module:Class"``). A 
   the merged LoRA), write the aligned model's artifacts into ``out`` (``models/aligned/``) and return metrics;
 - ``attach(fam, folder: Path, params) -> files``: make a loaded base family render as the aligned model (attach a
   LoRA, install a guidance rule, ...); returns the files whose content identifies the aligned model (render keys);
-- ``combine``: optional guidance rule for sampling (``safealign.families.sampling``), None for weight-space methods.
+- ``combine``: optional guidance rule for sampling (``safealign.families.sampling``), None for weight-space methods;
+- ``edits_base_weights`` (optional, default False): ``attach`` overwrites base weights instead of adding adapters
+  (UCE), so the unaligned model cannot be had by disabling adapters; the white-box attack then loads it apart.
 
 ``dvc exp run -S method=<name>`` switches it: only `align` and `evaluate` re-run, the experts stay cached.
 """

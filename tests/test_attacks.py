@@ -157,6 +157,36 @@ def test_whitebox_optimise_moves_the_embeddings_and_leaves_the_model_unchanged(t
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_whitebox_reference_is_the_unaligned_model_when_the_method_edited_weights_in_place(tiny_fam: Any) -> None:
+    """UCE overwrites to_k/to_v: disabling adapters would give the edited model, so the reference must be a copy of
+    the base model held apart (``AttackContext.base``), and optimise must use it."""
+    import copy
+
+    from safealign.baselines.uce import UnifiedConceptEditing
+
+    assert UnifiedConceptEditing.edits_base_weights
+    base = copy.deepcopy(tiny_fam)
+    with torch.no_grad():  # an in-place edit of the target, as UCE's attach does
+        for name, p in tiny_fam.unet.named_parameters():
+            if "to_k" in name:
+                p.mul_(3.0)
+    x_t = torch.randn(2, *tiny_fam.latent_shape(), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        cond = tiny_fam.encode_prompts(["a red circle", "a maroon square"])
+        apart = make_ctx(tiny_fam)
+        apart.base = base
+        assert torch.equal(apart.reference_predict(x_t, t, cond), base.predict(x_t, t, cond))
+        assert not torch.allclose(apart.reference_predict(x_t, t, cond), tiny_fam.predict(x_t, t, cond))
+        assert torch.equal(make_ctx(tiny_fam).reference_predict(x_t, t, cond), tiny_fam.predict(x_t, t, cond))
+    calls = []
+    real = apart.reference_predict
+    apart.reference_predict = lambda *a: calls.append(1) or real(*a)  # type: ignore[method-assign]
+    whitebox.optimise(apart, f"a {apart.placeholder_word} circle", apart.concept_image("p0"), apart.unsafe_cond("p0"),
+                      torch.zeros(1, 16), steps=2, lr=0.1, batch=2, gen=torch.Generator().manual_seed(0))
+    assert len(calls) == 2
+
+
 def test_nearest_tokens_never_returns_a_banned_token() -> None:
     table = torch.eye(4)
     allowed = np.array([1, 3])

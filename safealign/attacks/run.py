@@ -47,6 +47,7 @@ class AttackContext:
     cache: dict[str, torch.Tensor]
     has_adapter: bool
     categories: tuple[str, ...]
+    base: Any = None  # the unaligned model, loaded apart when the target's method edited the weights in place (UCE)
 
     # ---------------------------------------------------------------- text side
     def vocabulary(self) -> list[str]:
@@ -135,6 +136,14 @@ class AttackContext:
         with self.fam.adapters_disabled() if self.has_adapter else contextlib.nullcontext():
             yield
 
+    def reference_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unaligned model's prediction: ``base`` where the method edited the weights in place, else the target
+        with its adapters disabled."""
+        if self.base is not None:
+            return self.base.predict(x_t, t, cond)
+        with self.reference():
+            return self.fam.predict(x_t, t, cond)
+
     def render(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         s = self.params.sampling
         return self.fam.render(prompts, seeds, s.steps, s.guidance, s.batch_size, combine=self.combine)
@@ -171,25 +180,30 @@ class AttackContext:
         return {**self.set_ip(self.flag(images), cats), "target_rate": self.target_rate(images, cats)}
 
 
-def load_target(params: Any, device: str) -> tuple[Any, Any, bool]:
-    """(family, guidance rule, has_adapter) of ``attack.target``; files named in errors."""
+def load_target(params: Any, device: str) -> tuple[Any, Any, bool, Any]:
+    """(family, guidance rule, has_adapter, base) of ``attack.target``; files named in errors. ``base`` is a separate
+    copy of the unaligned model when the target's method edits the base weights in place (a method with
+    ``edits_base_weights``, such as UCE), else None (the reference is the target with its adapters disabled)."""
     from safealign.core.paths import ALIGNED, BASE, EXPERTS
     from safealign.families import get_family
     from safealign.methods import METHODS
 
     fam = get_family(params.model.family).from_params(params, BASE, device)
-    target, combine = params.attack.target, None
+    target, combine, base = params.attack.target, None, None
     if target == "aligned":
         method = METHODS.get(params.method)()
         method.attach(fam, ALIGNED, params)
         combine = method.combine
+        if getattr(method, "edits_base_weights", False):
+            base = get_family(params.model.family).from_params(params, BASE, device)
+            freeze(base)
     elif target.startswith("expert:"):
         path = EXPERTS / f"{target.split(':', 1)[1]}.safetensors"
         if not path.exists():
             raise UserError(f"params.yaml: attack.target: {path} not found; run `dvc repro train`")
         fam.load_lora(path)
     freeze(fam)
-    return fam, combine, bool(fam.lora_modules())
+    return fam, combine, bool(fam.lora_modules()), base
 
 
 def freeze(fam: Any) -> None:
@@ -206,11 +220,11 @@ def run_attacks(params: Any, device: str, out: Path) -> dict[str, Any]:
     from safealign.evaluation.scoring import build_detectors
     from safealign.training.data import read_cache
 
-    fam, combine, has_adapter = load_target(params, device)
+    fam, combine, has_adapter, base = load_target(params, device)
     manifest, cache = read_cache()
     detectors, missing = build_detectors(params)
     cats = params.attack.categories or params.categories
-    ctx = AttackContext(params, fam, combine, detectors, manifest, cache, has_adapter, tuple(cats))
+    ctx = AttackContext(params, fam, combine, detectors, manifest, cache, has_adapter, tuple(cats), base)
     metrics: dict[str, Any] = {"target": params.attack.target, "method": params.method, "ban": params.attack.ban,
                                "missing": missing}
     Path(out).mkdir(parents=True, exist_ok=True)  # DVC's output, even when no attack could run

@@ -68,8 +68,8 @@ def optimise(ctx: Any, prompt: str, x0: torch.Tensor, ref_cond: dict[str, torch.
         t = torch.randint(0, fam.num_train_timesteps, (batch,), generator=gen).to(fam.device)
         noise = torch.randn(x0b.shape, generator=gen).to(x0b)
         x_t = fam.add_noise(x0b, noise, t)
-        with torch.no_grad(), ctx.reference():
-            ref = fam.predict(x_t, t, ref_b)
+        with torch.no_grad():
+            ref = ctx.reference_predict(x_t, t, ref_b)
         with soft_tokens(ctx.input_embedding(), ctx.placeholder_id, soft):
             cond = fam.encode_prompts([prompt] * batch)
         loss = torch.nn.functional.mse_loss(fam.predict(x_t, t, cond), ref)

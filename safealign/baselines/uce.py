@@ -82,6 +82,7 @@ def edit_sets(fam: Any, params: Any) -> tuple[torch.Tensor, torch.Tensor, torch.
 class UnifiedConceptEditing:
     name = "uce"
     combine = None  # a weight-space method
+    edits_base_weights = True  # attach overwrites base weights: an attack loads the unaligned model apart
 
     def build(self, params: Any, out: Path, device: str) -> dict[str, Any]:
         from safealign.core.paths import BASE
