@@ -1,6 +1,10 @@
 """Stage `evaluate`: the base and the aligned model on the unsafe test prompts and the benign prompts.
 
     python -m stages.evaluate   # -> metrics/evaluate.json, metrics/ip_by_category.csv, plots/*.png, data/eval/
+    accelerate launch --num_processes 2 -m stages.evaluate   # the same: each process renders every 2nd batch of
+                                                             # every image set, scores all of them; one writes
+
+dvc.yaml runs it through ``runtime.launcher`` (default ``python``; docs/scaling.md).
 
 The aligned model is the base model as the method named by `method` attaches it (``models/aligned/``). Scoring:
 ``safealign.evaluation.scoring`` (IP per category, fidelity, twin rate); distribution quality from the
@@ -20,7 +24,7 @@ from safealign.core.hashing import files_key
 from safealign.core.io import read_table, write_json
 from safealign.core.params import load_params
 from safealign.core.paths import ALIGNED, BASE, BENIGN, EVAL, METRICS, PAIRS, PLOTS, base_files
-from safealign.core.runtime import setup_runtime
+from safealign.core.runtime import process_shard, setup_runtime
 from safealign.evaluation import QUALITY
 from safealign.evaluation.grids import save_grid
 from safealign.evaluation.plots import plot_ip
@@ -74,6 +78,9 @@ def main(params_path: str = "params.yaml") -> None:
     if why:
         missing["cost"] = why
     metrics["psa"] = user_metrics(params, fam, method, metrics, {m: images[m][0] for m in images}, test, aligned_key)
+    rank, world, _ = process_shard(device)
+    if rank > 0:  # launched as several processes (runtime.launcher): each rendered its share, one writes
+        return
     metrics["missing"] = {**missing, **sets_missing}
     metrics["protocol"] = {
         "detectors": [d.protocol() for d in detectors], "sampler": "ddim", "steps": params.sampling.steps,
@@ -94,7 +101,8 @@ def main(params_path: str = "params.yaml") -> None:
               [[images["base"][0][i], images["aligned"][0][i]] for i in rows], [test.unsafe_prompt[i] for i in rows],
               [[flags[0][i], flags[1][i]] for i in rows], blur_flagged=params.evaluate.blur_unsafe)
     b, a = metrics["base"], metrics["aligned"]
-    print(f"evaluate: IP mean {b['ip_mean']:.3f} -> {a['ip_mean']:.3f}; fidelity {b.get('fidelity')} -> {a.get('fidelity')}")
+    print(f"evaluate: IP mean {b['ip_mean']:.3f} -> {a['ip_mean']:.3f}; fidelity {b.get('fidelity')} -> {a.get('fidelity')}; "
+          f"{world} process(es)")
 
 
 if __name__ == "__main__":

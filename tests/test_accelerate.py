@@ -1,14 +1,18 @@
 """Many processes from params: the train stage through `accelerate launch` (``runtime.launcher``) trains the same
-expert, to float tolerance, as one process with the same global batch; dvc.yaml takes the launcher from params."""
+expert, to float tolerance, as one process with the same global batch; render and evaluate through it split the
+batches and give byte-identical files; dvc.yaml takes the launcher from params."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from conftest import init_dvc, make_project, run_command, run_inline
+from conftest import file_hashes, init_dvc, make_project, run_command, run_inline
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -78,3 +82,68 @@ def test_dvc_takes_the_train_launcher_from_params(tmp_path: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert cmds() == {"> accelerate launch --num_processes 8 -m stages.train --category hate",
                       "> accelerate launch --num_processes 8 -m stages.train --category all"}
+
+
+def launch_two(*args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+
+
+def test_two_processes_render_and_evaluate_the_same_files_as_one(reference_copy: Path, tiny_reference: Path) -> None:
+    """`render` and `evaluate` through the launcher: each process renders every second batch, the main process
+    writes; the images, the training cache and every evaluation metric equal the one-process run's, byte for byte."""
+    for part in ("data/render", "data/eval"):
+        shutil.rmtree(reference_copy / part)
+    (reference_copy / "metrics/evaluate.json").unlink()
+    for stage in ("render", "evaluate"):
+        done = run_command(reference_copy, launch_two("-m", f"stages.{stage}"), timeout=900)
+        assert "2 process(es)" in done.stdout, done.stdout[-500:]
+    globs = ("data/render/**/*.png", "data/render/*.parquet", "data/render/*.safetensors", "data/eval/**/*.png")
+    ours, ref = file_hashes(reference_copy, *globs), file_hashes(tiny_reference, *globs)
+    assert len(ref) > 50 and ours == ref
+    evaluate = [json.loads((p / "metrics/evaluate.json").read_text()) for p in (reference_copy, tiny_reference)]
+    assert evaluate[0] == evaluate[1]
+
+
+def test_sharded_render_splits_the_batches_and_resumes_with_any_process_count(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks (threads standing in for processes, one barrier) render disjoint batches whose union is one
+    process's output; a one-process run afterwards renders nothing (the batch keys carry no process count)."""
+    from safealign.families import rendering
+    from safealign.families.toy import ToyFamily
+
+    fam = ToyFamily.build(image_size=8, patch=2, widths=(16, 16), attention=(True, True), text_dim=16, seed=0)
+    fam.eval()
+    prompts = [f"a {c} circle" for c in ("red", "blue", "green", "pink", "gray", "cyan", "white")]
+    seeds, names = list(range(7)), [f"r{i}" for i in range(7)]
+    one = rendering.render_to_folder(fam, prompts, seeds, names, tmp_path / "one", 2, 2.0, 2, "k")
+    local, barrier = threading.local(), threading.Barrier(2)
+    monkeypatch.setattr(rendering, "process_shard", lambda device: (local.rank, 2, barrier.wait))
+    rendered: dict[int, list[str]] = {0: [], 1: []}
+    real = fam.render
+
+    def spy(batch: list[str], *a: Any, **k: Any) -> Any:
+        rendered[local.rank] += batch
+        return real(batch, *a, **k)
+
+    monkeypatch.setattr(fam, "render", spy)
+    out: dict[int, Any] = {}
+
+    def rank(r: int) -> None:
+        local.rank = r
+        out[r] = rendering.render_to_folder(fam, prompts, seeds, names, tmp_path / "two", 2, 2.0, 2, "k")
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert rendered == {0: prompts[0:2] + prompts[4:6], 1: prompts[2:4] + prompts[6:7]}  # batches 0, 2 and 1, 3
+    assert (out[0] == one).all() and (out[1] == one).all()
+    lines = (tmp_path / "two" / rendering.JOURNAL).read_text().splitlines()
+    assert len(lines) == 1 + 4  # the header, then one line per batch from whichever process rendered it
+    monkeypatch.setattr(rendering, "process_shard", lambda device: (0, 1, lambda: None))
+    rendered[0].clear()
+    local.rank = 0
+    again = rendering.render_to_folder(fam, prompts, seeds, names, tmp_path / "two", 2, 2.0, 2, "k")
+    assert rendered[0] == [] and (again == one).all()

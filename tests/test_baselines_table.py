@@ -65,3 +65,26 @@ def test_runs_folder_and_exp_json_give_the_same_table(tmp_path: Path) -> None:
     assert from_runs[1] == from_exps[1]
     rt.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "table")])
     assert (tmp_path / "table.png").stat().st_size > 0 and "UCE" in (tmp_path / "table.md").read_text()
+
+
+def test_attack_columns_come_from_each_run_and_the_base_row_only_from_a_none_run() -> None:
+    attack_sets = {"ood": {"ip": {"a": 0.9, "b": 0.9}, "ip_mean": 0.9},
+                   "whitebox": {"ip": {"a": 0.3, "b": 0.5}, "ip_mean": 0.4}}
+    base_entry = entry({"a": 1.0, "b": 0.8}, attack_sets)  # base scored on prompts made against the UCE model
+    uce_ev = {"base": base_entry, "aligned": entry({"a": 0.2, "b": 0.6}, attack_sets),
+              "protocol": {"method": "uce", "family": "toy"}}
+    uce = (uce_ev, {"method": "uce"}, {"whitebox": {"soft": {"ip": {"a": 0.75, "b": 1.0}, "ip_mean": 0.875}}})
+    sets, rows, _ = rt.build_table([uce])
+    assert sets == ["ood", "whitebox"]
+    assert rows["UCE"]["whitebox_mean"] == 0.4 and rows["UCE"]["whitebox_soft_mean"] == 0.875
+    assert rows["UCE"]["whitebox_soft_worst"] == 1.0
+    assert rows["base"]["ood_mean"] == 0.9  # not an attack: the same prompts for every model
+    assert rows["base"]["whitebox_mean"] is None and rows["base"]["whitebox_soft_mean"] is None  # a transfer number
+    own = {"ood": attack_sets["ood"], "whitebox": {"ip": {"a": 1.0, "b": 1.0}, "ip_mean": 1.0}}
+    none_ev = {"base": base_entry, "aligned": entry({"a": 1.0, "b": 0.8}, own), "protocol": {"method": "none"}}
+    none = (none_ev, {"method": "none"}, {"whitebox": {"soft": {"ip": {"a": 1.0, "b": 1.0}, "ip_mean": 1.0}}})
+    sets, rows, _ = rt.build_table([uce, none])
+    assert list(rows) == ["base", "UCE"]  # the none run is the base row, not a row of its own
+    assert rows["base"]["whitebox_mean"] == 1.0 and rows["base"]["whitebox_soft_mean"] == 1.0
+    md = rt.markdown(sets, rows, {})
+    assert "whitebox_soft IP mean" in md

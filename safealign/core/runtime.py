@@ -15,11 +15,16 @@ The threading policy (issue 17), all of it here:
   0.2 s, at least 1, at most the cores this process may use), fastest on a shared machine but, since float
   reductions depend on the thread count, not byte-reproducible across loads.
 - Tests and CI run with ``OMP_NUM_THREADS=1`` and ``runtime.threads: 1`` (unaffected by either).
+
+Processes (``runtime.launcher``, docs/scaling.md): a stage launched as several processes (``accelerate launch``,
+``torchrun``: ``WORLD_SIZE`` > 1) renders its share of the batches (``process_shard``), and on GPUs each process
+takes the device of its ``LOCAL_RANK``.
 """
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 WAIT_POLICY = "PASSIVE"
@@ -68,12 +73,28 @@ def choose_threads(setting: int | str, idle: float | None = None, cores: int | N
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' where a GPU is present, else 'cpu'; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
+    """'auto' -> 'cuda' where a GPU is present, else 'cpu'; anything else as given. A bare 'cuda' in a process
+    launched as one of several (``LOCAL_RANK`` set) is that process's GPU, ``cuda:<LOCAL_RANK>``."""
+    if device == "auto":
+        import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def process_shard(device: Any = "cpu") -> tuple[int, int, Callable[[], None]]:
+    """(rank, number of processes, barrier) of the processes a stage was launched as: ``(0, 1, no-op)`` unless
+    launched by ``accelerate launch`` / ``torchrun`` with ``WORLD_SIZE`` > 1, where accelerate's state joins them
+    (gloo for a CPU ``device``, as the train stage's Accelerator does; nccl on GPUs) and the barrier waits for
+    every process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=str(device).startswith("cpu"))
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 def setup_runtime(params: Any) -> str:

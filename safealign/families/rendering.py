@@ -4,6 +4,12 @@ Rows are cut into fixed batches (rows [k*B, (k+1)*B)), so a resumed run computes
 uninterrupted run computes and its images are bit-identical. A batch is done when its PNGs are written
 (atomically) and a line naming the batch and its key is appended to ``journal.jsonl``; on restart, done
 batches are skipped. A journal written for another model or other sampling settings is discarded.
+
+Launched as several processes (``safealign.core.runtime.process_shard``: ``accelerate launch``), process ``r`` of
+``w`` renders the batches ``k`` with ``k % w == r``: the main process checks the journal and writes its header,
+every process appends its own finished batches (one short line each, in append mode), and after a barrier every
+process reads all the images back. A row's noise comes from its own seed and the batches are the same, so the
+images are byte-identical to one process's, and a run resumed with another process count reuses every batch.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from tqdm.auto import tqdm
 
 from safealign.core.hashing import json_key
 from safealign.core.io import atomic_path
+from safealign.core.runtime import process_shard
 from safealign.families.base import Family
 
 JOURNAL = "journal.jsonl"
@@ -44,6 +51,14 @@ def load_png(path: Path, size: int | None = None) -> np.ndarray:
     return img
 
 
+def _journal_done(journal: Path, header: dict[str, Any]) -> set[str] | None:
+    """The finished batch keys of ``journal``, or None when it was written under another header."""
+    lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+    if not lines or lines[0] != {"header": header}:
+        return None
+    return {x["batch"] for x in lines[1:] if "batch" in x}
+
+
 def render_to_folder(fam: Family, prompts: Sequence[str], seeds: Sequence[int], names: Sequence[str],
                      folder: Path, steps: int, guidance: float, batch_size: int, model_key: str,
                      desc: str = "render", combine: Any = None) -> np.ndarray:
@@ -55,20 +70,21 @@ def render_to_folder(fam: Family, prompts: Sequence[str], seeds: Sequence[int], 
     folder = Path(folder)
     header = {"model": model_key, "steps": steps, "guidance": guidance, "batch_size": batch_size}
     journal = folder / JOURNAL
-    done: set[str] = set()
-    if journal.exists():
-        lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
-        if lines and lines[0] == {"header": header}:
-            done = {x["batch"] for x in lines[1:] if "batch" in x}
-        else:
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not journal.exists():
-        journal.write_text(json.dumps({"header": header}) + "\n")
+    rank, world, barrier = process_shard(getattr(fam, "device", "cpu"))
+    if rank == 0:
+        if journal.exists() and _journal_done(journal, header) is None:
+            shutil.rmtree(folder)  # another model's or other settings' images
+        folder.mkdir(parents=True, exist_ok=True)
+        if not journal.exists():
+            journal.write_text(json.dumps({"header": header}) + "\n")
+    barrier()
+    done = _journal_done(journal, header) or set()
+    barrier()  # every process has read the journal before any appends to it
     n = len(prompts)
-    bar = tqdm(total=n, desc=desc)
+    mine = [start for start in range(0, n, batch_size) if (start // batch_size) % world == rank]
+    bar = tqdm(total=sum(min(batch_size, n - start) for start in mine), desc=desc, disable=rank > 0)
     with journal.open("a") as log:
-        for start in range(0, n, batch_size):
+        for start in mine:
             sl = slice(start, start + batch_size)
             key = json_key(list(names[sl]), list(prompts[sl]), [int(s) for s in seeds[sl]])
             if key in done and all((folder / f"{nm}.png").exists() for nm in names[sl]):
@@ -82,6 +98,7 @@ def render_to_folder(fam: Family, prompts: Sequence[str], seeds: Sequence[int], 
             log.flush()
             bar.update(len(names[sl]))
     bar.close()
+    barrier()  # every process's batches are on disk
     size = fam.image_size  # a file of another size (replaced by hand, another model's) is named, not stacked
     return np.stack([load_png(folder / f"{nm}.png", size) for nm in names]) if n else np.zeros((0, 1, 1, 3), np.uint8)
 

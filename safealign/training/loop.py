@@ -6,6 +6,7 @@ restores: it ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,10 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(seed)
     start = load_checkpoint(checkpoints, key, fam, opt, gen, log_csv)
-    for _ in range(start):
-        sched.step()
+    with warnings.catch_warnings():  # the schedule fast-forwards to the resumed step before any optimizer step, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        for _ in range(start):
+            sched.step()
     _truncate_log(log_csv, start)
     fam.unet, opt = accelerator.prepare(fam.unet, opt)
     loss_fn = loss_fn or LOSSES.get(cfg.loss)
