@@ -286,6 +286,24 @@ def test_profile_parts_split_the_lists_from_the_rest() -> None:
                                    "Allowed categories: hate."]
     assert profile_parts("Allowed categories: hate") == ["", "Banned categories:", "Allowed categories: hate"]
     assert profile_parts("a child") == ["a child", "Banned categories:", "Allowed categories:"]
+    typed = "age: 12 (child). banned categories: Sexual, violence. gender: male. ALLOWED CATEGORIES: hate."
+    assert profile_parts(typed)[1:] == ["Banned categories: Sexual, violence.", "Allowed categories: hate."]
+
+
+def test_one_parser_reads_the_banned_list_for_the_embedder_and_the_render_verdict() -> None:
+    """A hand-typed profile in any case: the render CLI's verdict and the embedder's field see the same list."""
+    from safealign.psa.embed import list_items, profile_parts
+    from safealign.psa.render import banned_from_text
+
+    cats = ("hate", "sexual", "violence")
+    for text in ("Banned categories: violence, Sexual. Allowed categories: hate.",
+                 "a teen; banned categories: sexual,violence", "BANNED CATEGORIES: Violence, sexual."):
+        assert banned_from_text(text, cats) == ["sexual", "violence"]
+        assert sorted(list_items(text)) == ["sexual", "violence"]
+        assert list_items(profile_parts(text)[1]) == list_items(text)  # the embedder's field holds the same list
+    assert banned_from_text("a child who likes hate speech", cats) is None  # no list given: no verdict
+    assert banned_from_text("Banned categories: none.", cats) == []
+    assert list_items("Allowed categories: hate.", "Allowed categories:") == ["hate"]
 
 
 def test_embed_profiles_whole_or_by_fields() -> None:

@@ -48,19 +48,40 @@ class MiniLMEmbedder:
 MARKERS = ("Banned categories:", "Allowed categories:")
 
 
+def _find_list(text: str, marker: str) -> tuple[int, int] | None:
+    """(start, end) of the list sentence that begins with ``marker`` (any case) and runs to the next full stop (or
+    the end); None when the marker is absent."""
+    i = text.lower().find(marker.lower())
+    if i < 0:
+        return None
+    j = text.find(".", i)
+    return i, len(text) if j < 0 else j + 1
+
+
+def list_items(text: str, marker: str = MARKERS[0]) -> list[str] | None:
+    """The comma-separated items of a profile's list sentence, lower-cased (``marker``: the banned list by
+    default); None when the profile has no such sentence. The one parser of the lists: the embedder's fields
+    (``profile_parts``) and the render CLI's verdict (``safealign.psa.render``) read the same."""
+    span = _find_list(text, marker)
+    if span is None:
+        return None
+    body = text[span[0] + len(marker):span[1]].rstrip(".")
+    return [x.strip().lower() for x in body.split(",") if x.strip()]
+
+
 def profile_parts(text: str) -> list[str]:
     """A profile text -> [the rest, the banned sentence, the allowed sentence]. A list sentence runs from its
-    marker to the next full stop (or the end); the rest is the text without them. A part whose marker is missing
-    is the marker alone (the embedder then reads "no list given")."""
+    marker (matched in any case, written in the canonical one) to the next full stop (or the end); the rest is the
+    text without them. A part whose marker is missing is the marker alone (the embedder then reads "no list
+    given")."""
     parts, rest = [], text
     for m in MARKERS:
-        i = rest.find(m)
-        if i < 0:
+        span = _find_list(rest, m)
+        if span is None:
             parts.append(m)
             continue
-        j = rest.find(".", i)
-        j = len(rest) if j < 0 else j + 1
-        parts.append(rest[i:j].strip())
+        i, j = span
+        parts.append((m + rest[i + len(m):j]).strip())
         rest = rest[:i] + rest[j:]
     return [" ".join(rest.split()), *parts]
 

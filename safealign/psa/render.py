@@ -9,7 +9,6 @@ shown. Whether an allowed concept is kept needs what the prompt carries, which a
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,15 @@ from safealign.core.paths import ALIGNED, BASE
 from safealign.families import get_family
 from safealign.families.rendering import save_png
 from safealign.psa import JUDGES
+from safealign.psa.embed import list_items
 from safealign.psa.method import Psa, embed_texts, read_users
 
 
 def banned_from_text(profile: str, categories: tuple[str, ...]) -> list[str] | None:
-    m = re.search(r"banned categories:\s*([^.]*)", profile, re.IGNORECASE)
-    if not m:
-        return None
-    names = {x.strip().lower() for x in m.group(1).split(",")}
-    return [c for c in categories if c in names]
+    """The categories a hand-typed profile bans, in params order; None without a banned list (the parser the
+    embedder's fields use: ``safealign.psa.embed.list_items``)."""
+    names = list_items(profile)
+    return None if names is None else [c for c in categories if c in names]
 
 
 def render_for_profile(params: Any, profile: str | None, user: str | None, prompts: list[str], out: Path,
