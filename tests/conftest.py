@@ -438,14 +438,3 @@ def llm_fault_run(tmp_path_factory: pytest.TempPathFactory) -> LLMRun:
     return LLMRun(ref, project, asked_ref, asked, set(fake.auth), output)
 
 
-
-# The heaviest test files first (measured with `--durations=0` on 2 cores): xdist hands out whole files
-# (`--dist loadfile`) in collection order, so the longest start at once and the short ones fill in beside them
-# (longest-first scheduling). Last in alphabetical order, test_real_path used to start mid-run and end alone.
-HEAVY_FIRST = ("test_real_path.py", "test_faults.py", "test_accelerate.py", "test_dpo_direction.py", "test_deps.py",
-               "test_pipeline.py", "test_sc_dpo_clean.py", "test_security.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every file keeps its own order
