@@ -436,5 +436,3 @@ def llm_fault_run(tmp_path_factory: pytest.TempPathFactory) -> LLMRun:
         asked = len(fake.bodies) - before
     output = Path(proc.log.name).read_text(errors="replace") + done.stdout + done.stderr
     return LLMRun(ref, project, asked_ref, asked, set(fake.auth), output)
-
-

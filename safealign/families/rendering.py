@@ -71,14 +71,18 @@ def render_to_folder(fam: Family, prompts: Sequence[str], seeds: Sequence[int], 
     header = {"model": model_key, "steps": steps, "guidance": guidance, "batch_size": batch_size}
     journal = folder / JOURNAL
     rank, world, barrier = process_shard(getattr(fam, "device", "cpu"))
+    done: set[str] | None = set()
     if rank == 0:
-        if journal.exists() and _journal_done(journal, header) is None:
+        done = _journal_done(journal, header) if journal.exists() else set()
+        if done is None:
             shutil.rmtree(folder)  # another model's or other settings' images
+            done = set()
         folder.mkdir(parents=True, exist_ok=True)
         if not journal.exists():
             journal.write_text(json.dumps({"header": header}) + "\n")
     barrier()
-    done = _journal_done(journal, header) or set()
+    if rank > 0:  # the journal as the main process left it
+        done = _journal_done(journal, header) or set()
     barrier()  # every process has read the journal before any appends to it
     n = len(prompts)
     mine = [start for start in range(0, n, batch_size) if (start // batch_size) % world == rank]
