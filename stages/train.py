@@ -15,20 +15,11 @@ import argparse
 import json
 import sys
 
-from accelerate import PartialState
-
 from safealign.core.cli import run
-from safealign.core.hashing import files_key, json_key
-from safealign.core.ids import expert_seed
 from safealign.core.io import write_json
 from safealign.core.params import load_params
-from safealign.core.paths import BASE, CHECKPOINTS, EXPERTS, METRICS, RENDER, base_files
-from safealign.core.runtime import setup_runtime
-from safealign.families import get_family
-from safealign.families.lora import save_lora
-from safealign.training.data import ROW_SOURCES, load_pairs, read_cache
-from safealign.training.loop import train_expert
-from safealign.training.terms import active_terms
+from safealign.core.paths import EXPERTS, METRICS
+from safealign.training.unused import all_single_unused, write_unused_expert
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +31,23 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     if args.category != "all" and args.category not in params.categories:
         ap.error(f"--category {args.category!r}: not in params.yaml categories {list(params.categories)} nor 'all'")
+    if args.category == "all" and (reason := all_single_unused(params)):
+        write_unused_expert(EXPERTS / "all.safetensors", METRICS / "train", "all", reason)
+        print(f"train@all: not trained ({reason})")
+        return
+    # the heavy imports (torch, diffusers, peft) only for a stage that trains
+    from accelerate import PartialState
+
+    from safealign.core.hashing import files_key, json_key
+    from safealign.core.ids import expert_seed
+    from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
+    from safealign.core.runtime import setup_runtime
+    from safealign.families import get_family
+    from safealign.families.lora import save_lora
+    from safealign.training.data import ROW_SOURCES, load_pairs, read_cache
+    from safealign.training.loop import train_expert
+    from safealign.training.terms import active_terms
+
     device = setup_runtime(params)
     cached = read_cache()
     data = load_pairs(args.category, params.categories, cached)

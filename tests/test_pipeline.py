@@ -101,3 +101,33 @@ def test_pipeline_runs_on_llm_written_pairs(llm_fault_run, tmp_path: Path):
     assert ev["protocol"]["test_prompts"] == int((pairs.split == "test").sum())
     manifest = pd.read_parquet(project / "data/render/manifest.parquet")
     assert list(manifest.unsafe_prompt) == list(pairs.unsafe_prompt[pairs.split == "train"])
+
+
+def test_train_all_writes_a_marker_unless_something_reads_it(reference_copy: Path):
+    """train_all trains only for merge.method single (or attack.target expert:all); otherwise it writes an untrained
+    marker that safetensors reads and read_lora refuses with the reason, and a metrics file saying so."""
+    from safetensors import safe_open
+
+    from safealign.core.params import load_params
+    from safealign.training.unused import all_single_unused
+
+    params = load_params(reference_copy / "params.yaml")
+    assert params.merge.method != "single" and "merge.method" in all_single_unused(params)
+    assert all_single_unused(params.model_copy(update={"merge": params.merge.model_copy(update={"method": "single"})})) is None
+    target = params.model_copy(update={"attack": params.attack.model_copy(update={"target": "expert:all"})})
+    assert all_single_unused(target) is None
+    run_inline(reference_copy, "train", "--category", "all")
+    path = reference_copy / "models/experts/all.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == [] and "merge.method" in f.metadata()["not_trained"]
+    with pytest.raises(ValueError, match="all.safetensors: this expert was not trained"):
+        read_lora(path)
+    info = json.loads((reference_copy / "metrics/train/all.json").read_text())
+    assert info["trained"] is False and (reference_copy / "metrics/train/all.csv").read_text() == "step,loss\n"
+    raw = read_yaml((reference_copy / "params.yaml").read_text())
+    set_dotted(raw, "merge.method", "single")
+    (reference_copy / "params.yaml").write_text(yaml.safe_dump(raw))
+    run_inline(reference_copy, "train", "--category", "all")
+    state, meta = read_lora(path)
+    assert state and meta["category"] == "all"
+    assert "trained" not in json.loads((reference_copy / "metrics/train/all.json").read_text())

@@ -220,7 +220,7 @@ def test_cost_stage_and_sc_dpo_method_on_the_tiny_project(tmp_path: Path, monkey
     from test_rails import _covered, _track
 
     project = make_project(tmp_path / "p", {"method": "sc_dpo", "sc_dpo.cost_lambda": 0.0, "sc_dpo.gamma": 0.0,
-                                            "sc_dpo.clean_share": 0.0})
+                                            "sc_dpo.clean_share": 0.0, "merge.method": "single"})  # trains all
     log = _track(monkeypatch)
     read: dict[str, set[str]] = {}
     for stage, args in [("prompts", ()), ("base", ()), ("render", ()), ("cost", ()), ("train", ("--category", "all")),

@@ -45,7 +45,7 @@ class Model(Section):
 
 
 class Runtime(Section):
-    threads: int | Literal["auto"] = Field(2, description=(
+    threads: int | Literal["auto"] = Field("auto", description=(
         "torch CPU threads: a number (0 = torch's default) or 'auto' (the cores idle at the stage's start); "
         "the policy: safealign/core/runtime.py"))
 

@@ -9,11 +9,13 @@ The threading policy (issue 17), all of it here:
   steps/s), and no measurable loss on a quiet machine. In the whole default pipeline beside one busy core
   (``benchmarks/pipeline.py``) ``base`` ran 1.9x slower, ``render`` 2.5x and the experts' LoRA training still
   2.8-3.5x: on a shared machine, one thread (or ``auto``) is the setting that loses nothing.
-- **Thread count.** ``runtime.threads``: a number (2 by default, for a quiet 2-core machine; results are
-  deterministic for a given count, so the committed ``dvc.lock`` reproduces byte for byte only at that count),
-  0 for torch's default, or ``auto``: the cores idle when the stage starts (sampled from ``/proc/stat`` over
-  0.2 s, at least 1, at most the cores this process may use), fastest on a shared machine but, since float
-  reductions depend on the thread count, not byte-reproducible across loads.
+- **Thread count.** ``runtime.threads``: ``auto`` (the default): the cores idle when the stage starts (sampled
+  from ``/proc/stat`` over 0.2 s, rounded, at least 1, at most the cores this process may use). On a quiet 2-core
+  machine that is 2; beside one busy process it is 1, and one thread loses nothing to a busy core, so a busy
+  core costs at most its share. Or a number (0 for torch's default). Rendering gives the same bytes at any
+  thread count (measured on the toy), but training's float reductions depend on it: the committed ``dvc.lock``
+  (made with 2 threads) reproduces byte for byte where the stage ran with 2, and ``runtime.threads: 2`` pins
+  that on a loaded machine (at the cost of the slowdown above).
 - Tests and CI run with ``OMP_NUM_THREADS=1`` and ``runtime.threads: 1`` (unaffected by either).
 
 Processes (``runtime.launcher``, docs/scaling.md): a stage launched as several processes (``accelerate launch``,

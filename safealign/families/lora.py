@@ -67,6 +67,8 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if "not_trained" in meta:  # safealign.training.unused: a stage that had no reader for it
+        raise ValueError(f"{path}: this expert was not trained ({meta['not_trained']})")
     for key in ("rank", "alpha", "targets"):
         if key not in meta:
             raise ValueError(f"{path}: LoRA metadata lacks {key!r}")

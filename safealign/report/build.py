@@ -66,6 +66,7 @@ def curves_png(csvs: list[Path]) -> bytes | None:
     import pandas as pd
 
     logs = {p.stem: pd.read_csv(p) for p in csvs if p.stat().st_size}
+    logs = {k: v for k, v in logs.items() if len(v)}  # an untrained expert's log is a header alone
     if not logs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
