@@ -72,7 +72,9 @@ def one_pass(workdir: Path, name: str, use_tiny: bool) -> dict[str, float]:
     end = time.perf_counter()
     if stage:
         times[stage] = end - last
+        print(f"[{name}] {stage}: {times[stage]:.1f} s", file=sys.stderr, flush=True)
     times["total"] = end - t0
+    print(f"[{name}] total: {times['total']:.1f} s", file=sys.stderr, flush=True)  # a pass stopped later still reports
     return times
 
 
