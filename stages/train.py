@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from safealign.core.cli import run
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.category != "all" and args.category not in params.categories:
         ap.error(f"--category {args.category!r}: not in params.yaml categories {list(params.categories)} nor 'all'")
     if args.category == "all" and (reason := all_single_unused(params)):
-        write_unused_expert(EXPERTS / "all.safetensors", METRICS / "train", "all", reason)
-        print(f"train@all: not trained ({reason})")
+        if os.environ.get("RANK", "0") == "0":  # launched as several processes (runtime.launcher): one writes
+            write_unused_expert(EXPERTS / "all.safetensors", METRICS / "train", "all", reason)
+            print(f"train@all: not trained ({reason})")
         return
     # the heavy imports (torch, diffusers, peft) only for a stage that trains
     from accelerate import PartialState
