@@ -60,8 +60,12 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None =
 
     The library writes metadata keys in a random order (a Rust HashMap), so the same tensors would hash
     differently from run to run; sorting makes the file a function of its content (DVC caching, determinism).
+    A file of no tensors (metadata alone) is written without importing torch.
     """
-    from safetensors.torch import save
+    if tensors:
+        from safetensors.torch import save
+    else:
+        from safetensors.numpy import save
 
     raw = save(tensors, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
