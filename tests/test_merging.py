@@ -296,3 +296,26 @@ def test_merge_state_dicts_rejects_bad_inputs() -> None:
         merge_state_dicts([state], 2.0, 2, "co_merge", MergeOptions(), [{"unet.down.attn1.to_q": torch.ones(5)}], 2)
     with pytest.raises(ValueError, match="at least one"):
         merge_state_dicts([], 2.0, 2, "linear", MergeOptions(), None, 2)
+
+
+def test_merge_scale_rule_of_the_validation_benchmark() -> None:
+    """benchmarks/merge_validation.py: the lowest mean IP among scales that halve every category at fidelity
+    within 0.05 of base; none admissible -> most categories halved, then the lowest mean IP."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_validation",
+                                                  Path(__file__).parents[1] / "benchmarks" / "merge_validation.py")
+    mv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mv)
+    base = {"ip": {"a": 1.0, "b": 0.8}, "ip_mean": 0.9, "fidelity": 0.9}
+    rows = {0.5: {"ip": {"a": 0.5, "b": 0.4}, "ip_mean": 0.45, "fidelity": 0.86},   # halves both (0.5, 0.4)
+            0.7: {"ip": {"a": 0.1, "b": 0.3}, "ip_mean": 0.20, "fidelity": 0.84},   # fidelity 0.06 below: out
+            0.6: {"ip": {"a": 0.3, "b": 0.39}, "ip_mean": 0.345, "fidelity": 0.85}}  # halves both, 0.05 below: in
+    assert mv.admissible(rows[0.5], base) == (2, True)
+    assert mv.admissible(rows[0.7], base) == (2, False)
+    assert mv.choose(rows, base) == 0.6
+    none_ok = {0.5: {"ip": {"a": 0.6, "b": 0.3}, "ip_mean": 0.45, "fidelity": 0.9},   # halves b only
+               0.8: {"ip": {"a": 0.6, "b": 0.5}, "ip_mean": 0.55, "fidelity": 0.9},   # halves none
+               0.9: {"ip": {"a": 0.6, "b": 0.35}, "ip_mean": 0.475, "fidelity": 0.9}}  # halves b only
+    assert mv.choose(none_ok, base) == 0.5

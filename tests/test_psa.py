@@ -120,7 +120,8 @@ def test_psa_params_are_validated() -> None:
         params(psa__embedder="nope")
     with pytest.raises(ParamsError, match="psa.colour: unknown key"):
         params(psa__colour=1)
-    for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none")):
+    for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none"),
+                     ("captions", ["both"]), ("captions", [])):
         with pytest.raises(ParamsError, match=f"psa.{key}"):
             params(**{f"psa__{key}": bad})
     assert params(method="psa").psa.tokens > 1  # default N > 1
@@ -157,6 +158,9 @@ def test_per_user_pairs_from_a_hand_built_table() -> None:
         assert data.cond["encoder_hidden_states"][k].item() == (-(i + 1) if caption == "safe" else i + 1)
         assert data.cond["xattn.user"][k].item() == vectors[u].item()
     assert len(pair_plan(users, pair_cats, CATS, per_user=1, seed=0)) <= 4
+    # under the unsafe caption only: the same draws, the safe-caption half left out
+    only = pair_plan(users, pair_cats, CATS, per_user=3, seed=0, captions=("unsafe",))
+    assert only == [p for p in plan if p[2] == "unsafe"] and len(only) == 4
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -190,7 +194,7 @@ def test_win_rate_on_hand_built_verdicts() -> None:
 
 # ------------------------------------------------------------------------------------------------ the branch
 @pytest.mark.parametrize("key_init,query,null_token", [("zeros", "hidden", False), ("random", "hidden", False),
-                                                       ("random", "text", True)])
+                                                       ("random", "text", True), ("random", "prompt", True)])
 def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, query: str, null_token: bool) -> None:
     from safealign.psa.branch import UserFamily, attach_branch, detach_branch
 

@@ -15,6 +15,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -22,11 +23,23 @@ import yaml
 SEED_SHIFT = 7_000_000
 
 
-def main(argv: list[str] | None = None) -> None:
+def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[int], pd.DataFrame]:
+    """The first ``per_category`` training pairs of each category (the render manifest), their seeds shifted by
+    ``SEED_SHIFT``, and their safe twins as a prompt table: (pairs, seeds, twins)."""
     from safealign.baselines.concepts import MANIFEST
     from safealign.core.io import read_table
+    from safealign.core.paths import RENDER
+
+    pairs = read_table(RENDER / MANIFEST, ("categories", "unsafe_prompt", "safe_prompt", "seed"))
+    rows = sorted({i for c in params.categories
+                   for i in [j for j, cats in enumerate(pairs.categories) if c in list(cats)][:per_category]})
+    val = pairs.iloc[rows].reset_index(drop=True)
+    return val, [int(s) + SEED_SHIFT for s in val.seed], pd.DataFrame({"prompt": val.safe_prompt})
+
+
+def main(argv: list[str] | None = None) -> None:
     from safealign.core.params import load_params
-    from safealign.core.paths import BASE, RENDER
+    from safealign.core.paths import BASE
     from safealign.core.runtime import setup_runtime
     from safealign.evaluation.scoring import build_detectors, score
     from safealign.families import get_family
@@ -41,12 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     params = load_params(args.params, overrides)
     device = setup_runtime(params)
-    pairs = read_table(RENDER / MANIFEST, ("categories", "unsafe_prompt", "safe_prompt", "seed"))
-    rows = sorted({i for c in params.categories
-                   for i in [j for j, cats in enumerate(pairs.categories) if c in list(cats)][: args.per_category]})
-    val = pairs.iloc[rows].reset_index(drop=True)
-    seeds = [int(s) + SEED_SHIFT for s in val.seed]
-    twins = pd.DataFrame({"prompt": val.safe_prompt})
+    val, seeds, twins = validation_set(params, args.per_category)
     method = METHODS.get(params.method)()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()

@@ -308,9 +308,9 @@ class Psa(Section):
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
         "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
-    query: Literal["hidden", "text"] = Field("hidden", description=(
+    query: Literal["hidden", "text", "prompt"] = Field("hidden", description=(
         "the user branch's queries: hidden = the text attention's (PSAlign); text = the hidden states after the "
-        "text attention (the branch sees what the prompt asked for)"))
+        "text attention (the branch sees what the prompt asked for); prompt = the text attention's output alone"))
     null_token: bool = Field(True, description=(
         "add a key 0 / value 0 to the user tokens: a query that matches no user key adds nothing"))
     unconditional: Literal["zeros", "off"] = Field("off", description=(
@@ -323,6 +323,8 @@ class Psa(Section):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1, description="per-user pairs per step")
     pairs_per_user: int = Field(24, ge=1, description="render pairs drawn per seen user (each under both captions)")
+    captions: list[Literal["unsafe", "safe"]] = Field(["unsafe", "safe"], min_length=1, description=(
+        "the captions each drawn render pair appears under (the release: both)"))
     sft_weight: float = Field(1.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
     judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
     judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")

@@ -81,7 +81,8 @@ class UserAttnProcessor(nn.Module):
         tokens = branch.projection(user.to(hidden_states.dtype))  # (B, N, cross_dim)
         # query "text": the user branch reads the hidden states after the text attention, so it sees what the
         # prompt asked for at each position; "hidden": the same queries as the text attention (PSAlign)
-        q = attn.to_q(hidden_states + out if branch.query == "text" else hidden_states)
+        # "prompt": the text attention's output alone, what the prompt asks for at each position without the image
+        q = attn.to_q({"text": hidden_states + out, "prompt": out}.get(branch.query, hidden_states))
         k, v = self.to_k_user(tokens), self.to_v_user(tokens)
         heads = attn.heads
         hd = k.shape[-1] // heads
@@ -109,8 +110,8 @@ class UserBranch(nn.Module):
         super().__init__()
         if unconditional not in ("zeros", "off"):
             raise ValueError(f"the user branch's unconditional side must be 'zeros' or 'off', got {unconditional!r}")
-        if query not in ("hidden", "text"):
-            raise ValueError(f"the user branch's query must be 'hidden' or 'text', got {query!r}")
+        if query not in ("hidden", "text", "prompt"):
+            raise ValueError(f"the user branch's query must be 'hidden', 'text' or 'prompt', got {query!r}")
         self.embed_dim, self.n_tokens, self.scale, self.key_init = embed_dim, n_tokens, scale, key_init
         self.query, self.null_token, self.unconditional = query, null_token, unconditional
         self.projection = UserProjection(embed_dim, cross_dim, n_tokens)

@@ -68,7 +68,7 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     c = params.psa
     seen = torch.tensor((users.split == "seen").to_numpy())
     plan = pair_plan(users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
-                     c.pairs_per_user, params.seed)
+                     c.pairs_per_user, params.seed, c.captions)
     data = user_pairs(plan, cache, vectors[seen])
     fam = get_family(params.model.family).from_params(params, BASE, device)
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,

@@ -32,10 +32,10 @@ def preferred_side(category: str, banned: Sequence[str], allowed: Sequence[str],
 
 
 def pair_plan(users: Any, pair_categories: Sequence[Sequence[str]], categories: Sequence[str], per_user: int,
-              seed: int) -> list[tuple[int, int, str, str]]:
+              seed: int, captions: Sequence[str] = ("unsafe", "safe")) -> list[tuple[int, int, str, str]]:
     """(user row, render pair row, caption, preferred side) for every per-user pair. ``users``: the users table
     (rows in order); ``pair_categories``: each render pair's categories; a pair counts under its first category
-    in ``categories``."""
+    in ``categories``; ``captions``: under which captions each drawn pair appears (both: the release)."""
     first = [next((c for c in cats if c in categories), None) for cats in pair_categories]
     eligible = [i for i, c in enumerate(first) if c is not None]
     plan = []
@@ -43,7 +43,7 @@ def pair_plan(users: Any, pair_categories: Sequence[Sequence[str]], categories: 
         rng = np.random.default_rng([seed, 16, u])
         picked = rng.choice(eligible, size=min(per_user, len(eligible)), replace=False)
         for i in sorted(int(x) for x in picked):
-            for caption in ("unsafe", "safe"):
+            for caption in captions:
                 side = preferred_side(first[i], list(banned), list(allowed), caption)
                 if side is not None:
                     plan.append((u, i, caption, side))
