@@ -250,6 +250,63 @@ def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int, nu
         detach_branch(fam.unet, branch)
 
 
+def test_interrupted_branch_training_resumes_to_the_same_branch(tiny_toy: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints every 2 of 6 steps; a run that fails after logging step 5 resumes from step 4 and ends with
+    the branch, and the log, of an uninterrupted run."""
+    from types import SimpleNamespace
+
+    from safealign.psa import train as psa_train
+    from safealign.psa.branch import attach_branch, detach_branch
+    from safealign.training import LOSSES
+    from safealign.training.data import PairData
+
+    fam = tiny_toy
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        cond = {**fam.encode_prompts(["a red circle", "a blue cross", "a pink square", "a green circle"]),
+                "xattn.user": torch.randn(4, 12, generator=g)}
+    data = PairData(torch.randn(4, 12, 4, 4, generator=g), torch.randn(4, 12, 4, 4, generator=g), cond)
+    cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=6, batch_size=4, sft_weight=1.0, checkpoint_every=2)
+
+    def train(log: Path, ckpts: Path) -> dict[str, torch.Tensor]:
+        branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
+        try:
+            psa_train.train_branch(fam, branch, data, cfg, 10.0, LOSSES.get("dpo"), 5, log, checkpoints=ckpts,
+                                   key="k")
+            return {k: v.clone() for k, v in branch.state_dict().items()}
+        finally:
+            detach_branch(fam.unet, branch)
+
+    whole = train(tmp_path / "whole.csv", tmp_path / "c_whole")
+    write = psa_train.write_csv_row
+
+    def failing(path: Path, row: dict, columns: Any) -> None:
+        write(path, row, columns)
+        if row["step"] == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(psa_train, "write_csv_row", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut.csv", tmp_path / "c_cut")
+    assert sorted(p.name for p in (tmp_path / "c_cut").glob("step_*")) == ["step_000002", "step_000004"]
+    ran: list[int] = []
+    monkeypatch.setattr(psa_train, "write_csv_row", lambda path, row, columns: (ran.append(row["step"]),
+                                                                                write(path, row, columns)))
+    resumed = train(tmp_path / "cut.csv", tmp_path / "c_cut")
+    assert ran == [5, 6]  # resumed after the step-4 checkpoint, not trained again from the start
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not torch.equal(whole["projection.proj.weight"], attach_state_of_untrained(fam))
+    assert (tmp_path / "cut.csv").read_text() == (tmp_path / "whole.csv").read_text()
+
+
+def attach_state_of_untrained(fam: Any) -> torch.Tensor:
+    from safealign.psa.branch import attach_branch, detach_branch
+
+    branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
+    detach_branch(fam.unet, branch)
+    return branch.state_dict()["projection.proj.weight"].clone()
+
+
 def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
     from safetensors import safe_open
 

@@ -323,6 +323,7 @@ class Psa(Section):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1, description="per-user pairs per step")
     pairs_per_user: int = Field(24, ge=1, description="render pairs drawn per seen user (each under both captions)")
+    checkpoint_every: int = Field(50, ge=1, description="steps between the branch's training checkpoints (resume)")
     captions: list[Literal["unsafe", "safe"]] = Field(["unsafe", "safe"], min_length=1, description=(
         "the captions each drawn render pair appears under (the release: both)"))
     sft_weight: float = Field(1.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")

@@ -10,14 +10,16 @@ the family that renders for one user vector.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safealign.core.hashing import files_key, json_key
 from safealign.core.io import atomic_path, read_table, safetensors_bytes
-from safealign.core.paths import BASE
+from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
 from safealign.families import get_family
 from safealign.psa.branch import UserFamily, attach_branch, load_branch, save_branch
 from safealign.psa.pairs import pair_plan, user_pairs
@@ -59,10 +61,12 @@ def embed_texts(params: Any, texts: list[str], device: str = "cpu") -> torch.Ten
 
 
 def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categories: list[Any],
-                      cache: dict[str, torch.Tensor], device: str, log_csv: Path) -> tuple[Any, Any, list, Any, dict]:
+                      cache: dict[str, torch.Tensor], device: str, log_csv: Path,
+                      checkpoints: Path | None = None) -> tuple[Any, Any, list, Any, dict]:
     """The seen users' per-user pairs (pair rule, ``pairs.py``) from the render cache, the branch attached to the
     base denoiser by ``params.psa`` and trained (``train.py``). ``pair_categories``: each render pair's categories
-    (a pair given none is never drawn). Returns (family, branch, plan, pairs, the last-20 training summary)."""
+    (a pair given none is never drawn); ``checkpoints``: the folder to checkpoint into and resume from (None:
+    neither). Returns (family, branch, plan, pairs, the last-20 training summary)."""
     from safealign.training import LOSSES
 
     c = params.psa
@@ -74,8 +78,13 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
                            query=c.query, null_token=c.null_token, unconditional=c.unconditional)
     branch.projection.standardise_from(vectors[seen])
-    summary = train_branch(fam, branch, data, c, c.beta or params.train.beta, LOSSES.get(c.loss),
-                           params.seed * 1000 + 16, log_csv)
+    beta, seed = c.beta or params.train.beta, params.seed * 1000 + 16
+    key = ""
+    if checkpoints is not None:  # the run's identity: resumed only with the same settings, pairs, vectors, models
+        key = json_key(c.model_dump(), beta, seed, plan, hashlib.sha256(vectors.detach().cpu().numpy().tobytes()).hexdigest(),
+                       files_key([RENDER / "cache.safetensors", *base_files()]))
+    summary = train_branch(fam, branch, data, c, beta, LOSSES.get(c.loss), seed, log_csv,
+                           checkpoints=checkpoints, key=key)
     return fam, branch, plan, data, summary
 
 
@@ -90,7 +99,7 @@ class Psa:
         users, vectors, meta = read_users()
         manifest, cache = read_cache()
         _, branch, plan, data, summary = train_user_branch(params, users, vectors, list(manifest.categories), cache,
-                                                          device, out / "train.csv")
+                                                          device, out / "train.csv", CHECKPOINTS / self.name)
         seen = (users.split == "seen").to_numpy()
         save_branch(out / BRANCH, branch, embedder=meta.get("embedder", ""),
                     psa=json.dumps(c.model_dump(), sort_keys=True))

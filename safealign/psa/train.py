@@ -1,7 +1,9 @@
 """Training the user branch: Diffusion-DPO (or any loss of ``LOSSES``) on per-user pairs, the reference model
 being the same denoiser with the branch switched off; only the projection and the user key/value train.
 
-One process, no checkpoints (a toy run is minutes; a real-model run would want the LoRA loop's resume, not done).
+One process. With a checkpoint folder it saves the branch, the optimizer and the generator every
+``psa.checkpoint_every`` steps (``safealign.training.checkpoints``, as the LoRA loop does) and an interrupted run
+resumes from the newest checkpoint of the same key, ending with the same branch as an uninterrupted one.
 The step is the project's ``preference_step``; the supervised term (``psa.sft_weight``) is the ``sft`` term.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 
 from safealign.core.io import write_csv_row
 from safealign.psa.branch import UserBranch, UserFamily
+from safealign.training.checkpoints import load_checkpoint, save_checkpoint, truncate_log
 from safealign.training.data import PairData
 from safealign.training.losses import LossFn
 from safealign.training.step import preference_step
@@ -23,19 +26,21 @@ LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "sft")
 
 
 def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: float, loss_fn: LossFn, seed: int,
-                 log_csv: Path, desc: str = "psa") -> dict[str, float]:
+                 log_csv: Path, desc: str = "psa", checkpoints: Path | None = None, key: str = "") -> dict[str, float]:
     """Train ``branch`` (attached to ``fam``'s denoiser) on ``data`` (its cond carries ``xattn.user``) with the
-    settings of ``cfg`` (params.psa). Returns the mean loss, accuracy and margin of the last 20 steps."""
+    settings of ``cfg`` (params.psa). ``checkpoints``: the folder to checkpoint into and resume from (``key``
+    identifies the run); None: neither. Returns the mean loss, accuracy and margin of the last 20 logged steps."""
+    from safealign.training.loop import summarize_log
+
     fam.unet.requires_grad_(False)
     branch.requires_grad_(True)
     opt = torch.optim.AdamW(branch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     view = UserFamily(fam, branch)
     sft = [ActiveTerm(t, cfg.sft_weight) for t in TERMS if t.name == "sft" and cfg.sft_weight > 0]
-    if log_csv.exists():
-        log_csv.unlink()
-    rows: list[dict[str, float]] = []
-    bar = tqdm(range(cfg.steps), desc=desc)
+    start = 0 if checkpoints is None else load_checkpoint(checkpoints, key, branch.load_state_dict, opt, gen, log_csv)
+    truncate_log(log_csv, start)
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         batch = data.select(idx)
@@ -48,9 +53,9 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
         opt.step()
         row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
                "err_w": out.err_w, "err_l": out.err_l, "sft": out.terms.get("sft", 0.0)}
-        rows.append(row)
         write_csv_row(log_csv, row, LOG_COLUMNS)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+        if checkpoints is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(checkpoints, step + 1, branch.state_dict(), opt, gen, key, log_csv=log_csv)
     branch.requires_grad_(False)
-    last = rows[-20:]
-    return {k: sum(r[k] for r in last) / len(last) for k in ("loss", "accuracy", "margin")}
+    return summarize_log(log_csv)

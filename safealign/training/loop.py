@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from safealign.core.errors import UserError
 from safealign.core.io import write_csv_row
 from safealign.families.base import Family
+from safealign.families.lora import set_module_state
 from safealign.training import LOSSES
-from safealign.training.checkpoints import load_checkpoint, save_checkpoint
+from safealign.training.checkpoints import load_checkpoint, save_checkpoint, truncate_log
 from safealign.training.data import AnchorData, PairData
 from safealign.training.losses import LossFn
 from safealign.training.step import global_draws, preference_step
@@ -58,12 +59,12 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(seed)
-    start = load_checkpoint(checkpoints, key, fam, opt, gen, log_csv)
+    start = load_checkpoint(checkpoints, key, lambda sd: set_module_state(fam.raw_unet, sd), opt, gen, log_csv)
     with warnings.catch_warnings():  # the schedule fast-forwards to the resumed step before any optimizer step, on purpose
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
         for _ in range(start):
             sched.step()
-    _truncate_log(log_csv, start)
+    truncate_log(log_csv, start)
     fam.unet, opt = accelerator.prepare(fam.unet, opt)
     loss_fn = loss_fn or LOSSES.get(cfg.loss)
     empty = fam.empty_cond(1)
@@ -111,7 +112,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         if accelerator.is_main_process:
             write_csv_row(log_csv, row, LOG_COLUMNS)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(checkpoints, step + 1, fam, opt, gen, key, log_csv=log_csv)
+                save_checkpoint(checkpoints, step + 1, fam.lora_state_dict(), opt, gen, key, log_csv=log_csv)
         accelerator.wait_for_everyone()
     fam.unet = accelerator.unwrap_model(fam.unet)
     return summarize_log(log_csv)
@@ -123,14 +124,3 @@ def summarize_log(path: Path, last: int = 20) -> dict[str, float]:
     rows = [dict(zip(lines[0].split(","), map(float, x.split(",")))) for x in lines[1:][-last:] if x]
     return {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("loss", "accuracy", "margin")}
 
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep only the rows of steps <= ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.exists():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    lines = path.read_text().splitlines()
-    kept = [lines[0]] + [x for x in lines[1:] if x and int(x.split(",", 1)[0]) <= step]
-    path.write_text("\n".join(kept) + "\n")
