@@ -82,7 +82,8 @@ class UserAttnProcessor(nn.Module):
         # query "text": the user branch reads the hidden states after the text attention, so it sees what the
         # prompt asked for at each position; "hidden": the same queries as the text attention (PSAlign)
         # "prompt": the text attention's output alone, what the prompt asks for at each position without the image
-        q = attn.to_q({"text": hidden_states + out, "prompt": out}.get(branch.query, hidden_states))
+        q = attn.to_q(hidden_states + out if branch.query == "text" else out if branch.query == "prompt"
+                      else hidden_states)
         k, v = self.to_k_user(tokens), self.to_v_user(tokens)
         heads = attn.heads
         hd = k.shape[-1] // heads

@@ -81,7 +81,8 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     beta, seed = c.beta or params.train.beta, params.seed * 1000 + 16
     key = ""
     if checkpoints is not None:  # the run's identity: resumed only with the same settings, pairs, vectors, models
-        key = json_key(c.model_dump(), beta, seed, plan, hashlib.sha256(vectors.detach().cpu().numpy().tobytes()).hexdigest(),
+        vectors_key = hashlib.sha256(vectors.detach().cpu().numpy().tobytes()).hexdigest()
+        key = json_key(c.model_dump(), beta, seed, plan, vectors_key,
                        files_key([RENDER / "cache.safetensors", *base_files()]))
     summary = train_branch(fam, branch, data, c, beta, LOSSES.get(c.loss), seed, log_csv,
                            checkpoints=checkpoints, key=key)

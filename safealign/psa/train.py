@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from safealign.core.io import write_csv_row
 from safealign.psa.branch import UserBranch, UserFamily
-from safealign.training.checkpoints import load_checkpoint, save_checkpoint, truncate_log
+from safealign.training.checkpoints import load_checkpoint, save_checkpoint, summarize_log, truncate_log
 from safealign.training.data import PairData
 from safealign.training.losses import LossFn
 from safealign.training.step import preference_step
@@ -30,8 +30,6 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
     """Train ``branch`` (attached to ``fam``'s denoiser) on ``data`` (its cond carries ``xattn.user``) with the
     settings of ``cfg`` (params.psa). ``checkpoints``: the folder to checkpoint into and resume from (``key``
     identifies the run); None: neither. Returns the mean loss, accuracy and margin of the last 20 logged steps."""
-    from safealign.training.loop import summarize_log
-
     fam.unet.requires_grad_(False)
     branch.requires_grad_(True)
     opt = torch.optim.AdamW(branch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

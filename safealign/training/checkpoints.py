@@ -83,3 +83,10 @@ def truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [lines[0]] + [x for x in lines[1:] if x and int(x.split(",", 1)[0]) <= step]
     path.write_text("\n".join(kept) + "\n")
+
+
+def summarize_log(path: Path, last: int = 20) -> dict[str, float]:
+    """Mean loss, accuracy and margin of the last ``last`` steps in the CSV log."""
+    lines = path.read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, x.split(",")))) for x in lines[1:][-last:] if x]
+    return {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("loss", "accuracy", "margin")}

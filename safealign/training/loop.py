@@ -20,7 +20,7 @@ from safealign.core.io import write_csv_row
 from safealign.families.base import Family
 from safealign.families.lora import set_module_state
 from safealign.training import LOSSES
-from safealign.training.checkpoints import load_checkpoint, save_checkpoint, truncate_log
+from safealign.training.checkpoints import load_checkpoint, save_checkpoint, summarize_log, truncate_log
 from safealign.training.data import AnchorData, PairData
 from safealign.training.losses import LossFn
 from safealign.training.step import global_draws, preference_step
@@ -116,11 +116,4 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
         accelerator.wait_for_everyone()
     fam.unet = accelerator.unwrap_model(fam.unet)
     return summarize_log(log_csv)
-
-
-def summarize_log(path: Path, last: int = 20) -> dict[str, float]:
-    """Mean loss, accuracy and margin of the last ``last`` steps in the CSV log."""
-    lines = path.read_text().splitlines()
-    rows = [dict(zip(lines[0].split(","), map(float, x.split(",")))) for x in lines[1:][-last:] if x]
-    return {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("loss", "accuracy", "margin")}
 
