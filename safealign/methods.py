@@ -34,6 +34,7 @@ METHODS.add_lazy("safetydpo", "safealign.safetydpo.method:SafetyDPO")
 METHODS.add_lazy("none", "safealign.baselines.none:NoAlignment")  # no alignment: the reference row
 METHODS.add_lazy("sc_dpo", "safealign.sc_dpo.method:ScDpo")  # SC-DPO: one LoRA, cost-calibrated loss (safealign/sc_dpo)
 METHODS.add_lazy("psa", "safealign.psa.method:Psa")  # PSA: user-conditioned cross-attention branch (safealign/psa)
+METHODS.add_lazy("routed_experts", "safealign.psa.router:RoutedExperts")  # per user, the experts of their bans merged
 METHODS.add_lazy("esd_u", "safealign.baselines.esd:EsdU")  # ESD-u: LoRA on all but cross-attention (safealign/baselines)
 METHODS.add_lazy("esd_x", "safealign.baselines.esd:EsdX")  # ESD-x: LoRA on cross-attention only
 METHODS.add_lazy("uce", "safealign.baselines.uce:UnifiedConceptEditing")  # UCE: closed-form cross-attention edit

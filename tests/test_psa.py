@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import ROOT
 
 from safealign.core.errors import ParamsError
@@ -121,7 +122,7 @@ def test_psa_params_are_validated() -> None:
     with pytest.raises(ParamsError, match="psa.colour: unknown key"):
         params(psa__colour=1)
     for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none"),
-                     ("captions", ["both"]), ("captions", [])):
+                     ("captions", ["both"]), ("captions", []), ("teacher", "router"), ("teacher_weight", -1)):
         with pytest.raises(ParamsError, match=f"psa.{key}"):
             params(**{f"psa__{key}": bad})
     assert params(method="psa").psa.tokens > 1  # default N > 1
@@ -465,6 +466,66 @@ def test_method_psa_trains_in_align_and_every_model_gets_pass_rates(reference_co
         assert all(0 <= metrics[m][r][g] <= 1 for r in ("pass_rate",) for g in ("seen", "unseen"))
     psa = metrics["psa"]
     assert set(psa["reference"]["safetydpo"]) >= {"pass_rate", "banned_respected", "allowed_respected"}
+    assert set(psa["win_rate"]) == {"vs_base", "vs_safetydpo"}
+    renders = list((reference_copy / "data" / "eval" / "users").glob("*/*.png"))
+    assert len(renders) == 2 * psa["users"]["seen"] * psa["prompts"]
+
+
+def test_experts_teacher_routes_each_row_to_its_users_merge(reference_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """psa.teacher: experts: a row of a user banning B is predicted by the base with B's experts merged (the
+    pipeline's rule), a row of a user banning nothing by the base itself, in one mixed batch."""
+    from safealign.core.params import load_params
+    from safealign.core.paths import BASE, EXPERTS
+    from safealign.families import get_family
+    from safealign.merging.experts import merge_experts, save_merged
+    from safealign.psa.teacher import ExpertsTeacher
+    from safealign.training.data import read_cache
+
+    monkeypatch.chdir(reference_copy)
+    p = load_params("params.yaml", {"runtime.threads": 1})
+    cats = list(p.categories)
+    teacher = ExpertsTeacher(p, [[], [cats[0]], [cats[1], cats[0]], [cats[0]]], "cpu")
+    assert teacher.keys == [(), (cats[0],), (cats[0], cats[1])]
+    assert teacher.index([cats[1], cats[0]], cats) == 2
+    base = get_family(p.model.family).from_params(p, BASE, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    sets = torch.tensor([0, 1, 2, 2, 1, 0])
+    x_t = torch.randn(len(sets), *base.latent_shape(), generator=gen)
+    t = torch.tensor([900, 500, 100, 900, 50, 300])
+    cond = base.encode_prompts([f"a red circle {i}" for i in range(len(sets))])
+    got = teacher.predict(x_t, t, {**cond, "xattn.user": torch.zeros(len(sets), 4)}, sets)
+    for s, key in enumerate(teacher.keys):
+        rows = (sets == s).nonzero().flatten()
+        fam = get_family(p.model.family).from_params(p, BASE, "cpu")
+        if key:
+            merged = merge_experts([EXPERTS / f"{c}.safetensors" for c in key], key, p, fam, read_cache())
+            save_merged(tmp_path / str(s), merged, p, delta=False)
+            fam.load_lora(tmp_path / str(s) / "lora.safetensors")
+        part = {k: v[rows] for k, v in cond.items()}
+        want = fam.predict(x_t[rows], t[rows], part)
+        assert torch.allclose(got[rows], want, atol=1e-5), key
+        if key:  # the experts change the prediction
+            assert not torch.allclose(got[rows], base.predict(x_t[rows], t[rows], part), atol=1e-4), key
+
+
+def test_routed_experts_renders_each_user_with_the_experts_they_ban(reference_copy: Path) -> None:
+    """method routed_experts: align copies the experts; without a user it is the SafetyDPO merged model (the
+    generic columns equal safetydpo's); per user it renders with the merge of the experts the user bans."""
+    from conftest import run_inline
+
+    before = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    params = reference_copy / "params.yaml"
+    params.write_text(params.read_text().replace("method: safetydpo", "method: routed_experts"))
+    run_inline(reference_copy, "align")
+    assert sorted(p.name for p in (reference_copy / "models/aligned/experts").iterdir()) == sorted(
+        f"{c}.safetensors" for c in yaml.safe_load(params.read_text())["categories"])
+    run_inline(reference_copy, "evaluate")
+    metrics = json.loads((reference_copy / "metrics" / "evaluate.json").read_text())
+    assert metrics["protocol"]["method"] == "routed_experts"
+    assert metrics["aligned"]["ip"] == before["aligned"]["ip"]  # every category banned: the merged model
+    psa = metrics["psa"]
+    assert psa["reference"]["safetydpo"]["pass_rate"] == before["aligned"]["pass_rate"]
     assert set(psa["win_rate"]) == {"vs_base", "vs_safetydpo"}
     renders = list((reference_copy / "data" / "eval" / "users").glob("*/*.png"))
     assert len(renders) == 2 * psa["users"]["seen"] * psa["prompts"]

@@ -327,6 +327,10 @@ class Psa(Section):
     captions: list[Literal["unsafe", "safe"]] = Field(["unsafe", "safe"], min_length=1, description=(
         "the captions each drawn render pair appears under (the release: both)"))
     sft_weight: float = Field(1.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
+    teacher: Literal["none", "experts"] = Field("none", description=(
+        "experts: a teacher term, the branch matches its user's merge of the experts of the categories they ban "
+        "(safealign/psa/teacher.py); none: the preference loss alone"))
+    teacher_weight: float = Field(1.0, ge=0, description="weight of the teacher term (psa.teacher: experts)")
     judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
     judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="vlm judge settings")

@@ -172,7 +172,7 @@ class Family(abc.ABC):
         sd, meta = lora.read_lora(path)
         self.add_lora(int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(","), name=name)
         result = lora.set_module_state(self.unet, sd, adapter_name=name)
-        missing = [k for k in result.missing_keys if "lora_" in k]
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]  # other adapters' keys aside
         if missing:
             raise ValueError(f"{path}: LoRA file lacks {len(missing)} weights the adapter needs, e.g. {missing[0]}")
         self.unet.requires_grad_(False)

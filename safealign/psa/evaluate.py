@@ -72,7 +72,7 @@ def user_metrics(params: Any, fam: Any, method: Any, metrics: dict[str, Any], im
                 parts = []
                 for i in idx:
                     vkey = hashlib.sha256(vectors[i].numpy().tobytes()).hexdigest()[:16]
-                    parts.append(user_images(method.for_user(fam, vectors[i]), users.user_id[i],
+                    parts.append(user_images(method.for_user(fam, vectors[i], list(users.banned[i])), users.user_id[i],
                                              json_key(model_key, vkey)))
                 models[m][g] = np.concatenate(parts)
         else:

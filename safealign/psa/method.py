@@ -79,13 +79,21 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
                            query=c.query, null_token=c.null_token, unconditional=c.unconditional)
     branch.projection.standardise_from(vectors[seen])
     beta, seed = c.beta or params.train.beta, params.seed * 1000 + 16
+    teacher = sets = None
+    if c.teacher == "experts":
+        from safealign.psa.teacher import ExpertsTeacher, teacher_key
+
+        seen_users = users[seen.numpy()].reset_index(drop=True)
+        teacher = ExpertsTeacher(params, list(seen_users.banned), device)
+        sets = torch.tensor([teacher.index(seen_users.banned[p[0]], params.categories) for p in plan])
     key = ""
     if checkpoints is not None:  # the run's identity: resumed only with the same settings, pairs, vectors, models
         vectors_key = hashlib.sha256(vectors.detach().cpu().numpy().tobytes()).hexdigest()
         key = json_key(c.model_dump(), beta, seed, plan, vectors_key,
-                       files_key([RENDER / "cache.safetensors", *base_files()]))
+                       files_key([RENDER / "cache.safetensors", *base_files()]),
+                       teacher_key(params) if teacher is not None else "")
     summary = train_branch(fam, branch, data, c, beta, LOSSES.get(c.loss), seed, log_csv,
-                           checkpoints=checkpoints, key=key)
+                           checkpoints=checkpoints, key=key, teacher=teacher, sets=sets)
     return fam, branch, plan, data, summary
 
 
@@ -128,5 +136,6 @@ class Psa:
         """The family that renders for the default profile (every category banned)."""
         return UserFamily(fam, self.branch, self.default_user)
 
-    def for_user(self, fam: Any, vector: torch.Tensor) -> UserFamily:
+    def for_user(self, fam: Any, vector: torch.Tensor, banned: Any = None) -> UserFamily:
+        """The family that renders for one user: the branch reads the vector (``banned`` is not used)."""
         return UserFamily(fam, self.branch, vector)

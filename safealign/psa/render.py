@@ -1,5 +1,6 @@
-"""Rendering for one user: prompts rendered with the trained branch (``models/aligned``, method psa) for a
-profile given as text or as a row of the users table, written as PNGs with the judge's verdicts.
+"""Rendering for one user: prompts rendered by the aligned model of a per-user method (``models/aligned``,
+``method`` psa: the trained branch; routed_experts: the experts of the banned categories) for a profile given as
+text or as a row of the users table, written as PNGs with the judge's verdicts.
 
 A verdict names the categories the image shows and, where the profile's banned list is known (a users-table row,
 or a text with a ``Banned categories: a, b.`` sentence, as ``profile_text`` writes), whether a banned one is
@@ -16,9 +17,10 @@ from safealign.core.io import atomic_path
 from safealign.core.paths import ALIGNED, BASE
 from safealign.families import get_family
 from safealign.families.rendering import save_png
+from safealign.methods import METHODS
 from safealign.psa import JUDGES
 from safealign.psa.embed import list_items
-from safealign.psa.method import Psa, embed_texts, read_users
+from safealign.psa.method import embed_texts, read_users
 
 
 def banned_from_text(profile: str, categories: tuple[str, ...]) -> list[str] | None:
@@ -41,9 +43,12 @@ def render_for_profile(params: Any, profile: str | None, user: str | None, promp
         assert profile is not None
         vector, banned = embed_texts(params, [profile])[0], banned_from_text(profile, cats)
     fam = get_family(params.model.family).from_params(params, BASE, device)
-    method = Psa()
+    method = METHODS.get(params.method)()
+    if not hasattr(method, "for_user"):
+        raise ValueError(f"method {params.method!r} ignores users; render for a profile with method psa or "
+                         "routed_experts (`dvc exp run -S method=psa`, then `dvc exp apply`)")
     method.attach(fam, ALIGNED, params)
-    view = method.for_user(fam, vector)
+    view = method.for_user(fam, vector, banned)
     sp = params.sampling
     images = view.render(prompts, [seed + i for i in range(len(prompts))], sp.steps, sp.guidance, sp.batch_size)
     judge = JUDGES.get(params.psa.judge)(params)

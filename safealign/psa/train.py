@@ -22,14 +22,30 @@ from safealign.training.losses import LossFn
 from safealign.training.step import preference_step
 from safealign.training.terms import TERMS, ActiveTerm
 
-LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "sft")
+LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "sft", "teacher")
+
+
+def teacher_term(view: Any, teacher: Any, x0: torch.Tensor, cond: dict[str, torch.Tensor], sets: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+    """Mean squared difference between the branch's prediction and its user's teacher's (``teacher.predict``),
+    on the rows ``x0`` noised at timesteps and noise drawn from ``gen``."""
+    fam = view
+    t = torch.randint(0, fam.num_train_timesteps, (x0.shape[0],), generator=gen).to(fam.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    x_t = fam.add_noise(x0, noise, t)
+    target = teacher.predict(x_t, t, cond, sets)
+    return (view.predict(x_t, t, cond).float() - target.float()).pow(2).mean()
 
 
 def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: float, loss_fn: LossFn, seed: int,
-                 log_csv: Path, desc: str = "psa", checkpoints: Path | None = None, key: str = "") -> dict[str, float]:
+                 log_csv: Path, desc: str = "psa", checkpoints: Path | None = None, key: str = "",
+                 teacher: Any = None, sets: torch.Tensor | None = None) -> dict[str, float]:
     """Train ``branch`` (attached to ``fam``'s denoiser) on ``data`` (its cond carries ``xattn.user``) with the
     settings of ``cfg`` (params.psa). ``checkpoints``: the folder to checkpoint into and resume from (``key``
-    identifies the run); None: neither. Returns the mean loss, accuracy and margin of the last 20 logged steps."""
+    identifies the run); None: neither. ``teacher`` (``psa.teacher``, ``teacher.py``) and ``sets`` (each pair's
+    banned-set index): the teacher term, weight ``cfg.teacher_weight``, on both images of ``cfg.batch_size`` pairs
+    of one banned set per step (the set drawn as a pair is, so sets weigh as their pairs do).
+    Returns the mean loss, accuracy and margin of the last 20 logged steps."""
     fam.unet.requires_grad_(False)
     branch.requires_grad_(True)
     opt = torch.optim.AdamW(branch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -45,12 +61,22 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
         cond = {k: v.to(fam.device) for k, v in batch.cond.items()}
         out = preference_step(view, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, beta, gen,
                               sft)
+        loss, distill = out.loss, torch.zeros(())
+        if teacher is not None:  # pairs of one banned set (drawn as a pair is): one teacher adapter per step
+            pool = (sets == sets[torch.randint(0, len(data), (1,), generator=gen)]).nonzero().flatten()
+            rows = data.select(pool[torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)])
+            both = torch.cat([rows.x0_w, rows.x0_l]).to(fam.device)
+            distill = teacher_term(view, teacher, both, {k: torch.cat([v, v]).to(fam.device)
+                                                         for k, v in rows.cond.items()},
+                                   torch.full((both.shape[0],), int(sets[pool[0]])), gen)
+            loss = loss + cfg.teacher_weight * distill
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
         opt.step()
-        row = {"step": step + 1, "loss": out.loss.item(), "accuracy": out.accuracy, "margin": out.margin,
-               "err_w": out.err_w, "err_l": out.err_l, "sft": out.terms.get("sft", 0.0)}
+        row = {"step": step + 1, "loss": loss.item(), "accuracy": out.accuracy, "margin": out.margin,
+               "err_w": out.err_w, "err_l": out.err_l, "sft": out.terms.get("sft", 0.0),
+               "teacher": distill.item()}
         write_csv_row(log_csv, row, LOG_COLUMNS)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
         if checkpoints is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
