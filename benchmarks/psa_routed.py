@@ -4,10 +4,11 @@ No branch and no training: for a user who bans B, the base model with the Safety
 pipeline's rule (``merge.method``, ``merge.scale``: the default's, chosen on the training split), the base model
 for a user who bans nothing (``safealign.psa.teacher.ExpertsTeacher``, also the teacher of ``psa.teacher:
 experts``). Judged by the toy judge on evaluate's protocol (the first ``psa.eval_users`` seen and unseen users,
-the first ``psa.eval_prompts_per_category`` test prompts of each category) and on psa_validation's (validation
-users, validation prompts). Nothing here is tuned. Needs the default pipeline's outputs (`dvc repro`).
+the first ``psa.eval_prompts_per_category`` test prompts of each category) and on psa_validation's validation
+users and prompts, with the prompts' seeds shifted by ``SEED_SHIFT`` (the experts trained on those training
+pairs' own seeds, as the baselines' validation set says). Nothing here is tuned on the test users or prompts. Needs the default pipeline's outputs (`dvc repro`).
 
-    python benchmarks/psa_routed.py --users 24 [--prompts 4]
+    python benchmarks/psa_routed.py --users 24 [--prompts 4] [--set merge.scale=1.0 ...]
 
 Prints a table and, last, one JSON object {protocol: rates}.
 """
@@ -17,7 +18,9 @@ import argparse
 import json
 
 import numpy as np
+import yaml
 
+from safealign.baselines.validate import SEED_SHIFT
 from safealign.core.io import read_table
 from safealign.core.params import load_params
 from safealign.core.paths import PAIRS
@@ -37,8 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--users", type=int, default=24, help="validation users")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=None, help="prompts per category (psa.eval_prompts_per_category)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override (YAML value)")
     args = ap.parse_args(argv)
     extra = {} if args.prompts is None else {"psa.eval_prompts_per_category": args.prompts}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: not key=value")
+        extra[key.strip()] = yaml.safe_load(value)
     params = load_params(args.params, {"runtime.threads": args.threads, **extra})
     device = setup_runtime(params)
     cats, c, u, sp = tuple(params.categories), params.psa, params.users, params.sampling
@@ -48,19 +57,21 @@ def main(argv: list[str] | None = None) -> None:
     val = drawn.iloc[len(users):].reset_index(drop=True)
     test = pairs[pairs.split == "test"].reset_index(drop=True)
     train = pairs[pairs.split == "train"].reset_index(drop=True)
-    protocols = {f"test, {g} users": (users[users.split == g].iloc[: c.eval_users].reset_index(drop=True), test)
+    # (users, prompt table, seed shift): the validation prompts are training pairs, whose (prompt, seed) the
+    # experts trained on, so their seeds are shifted as the baselines' validation set's are
+    protocols = {f"test, {g} users": (users[users.split == g].iloc[: c.eval_users].reset_index(drop=True), test, 0)
                  for g in GROUPS}
-    protocols["validation users and prompts"] = (val, train)
-    router = ExpertsTeacher(params, [b for us, _ in protocols.values() for b in us.banned], device)
+    protocols["validation users and prompts"] = (val, train, SEED_SHIFT)
+    router = ExpertsTeacher(params, [b for us, _, _ in protocols.values() for b in us.banned], device)
     judge = JUDGES.get("toy")(params)
     out = {}
-    for name, (us, table) in protocols.items():
+    for name, (us, table, shift) in protocols.items():
         sub = table.iloc[eval_rows(table, cats, c.eval_prompts_per_category)].reset_index(drop=True)
         renders: dict[tuple, np.ndarray] = {}
         for banned in us.banned:
             key = tuple(sorted(banned))
             if key not in renders:
-                renders[key] = router.render(banned, list(sub.unsafe_prompt), [int(s) for s in sub.seed],
+                renders[key] = router.render(banned, list(sub.unsafe_prompt), [int(s) + shift for s in sub.seed],
                                              sp.steps, sp.guidance, sp.batch_size)
         shown = judge.shown(np.concatenate([renders[tuple(sorted(b))] for b in us.banned]))
         cases = _cases(us, _mask(sub.categories, cats), cats)
