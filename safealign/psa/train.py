@@ -29,10 +29,9 @@ def teacher_term(view: Any, teacher: Any, x0: torch.Tensor, cond: dict[str, torc
                  gen: torch.Generator) -> torch.Tensor:
     """Mean squared difference between the branch's prediction and its user's teacher's (``teacher.predict``),
     on the rows ``x0`` noised at timesteps and noise drawn from ``gen``."""
-    fam = view
-    t = torch.randint(0, fam.num_train_timesteps, (x0.shape[0],), generator=gen).to(fam.device)
+    t = torch.randint(0, view.num_train_timesteps, (x0.shape[0],), generator=gen).to(view.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0)
-    x_t = fam.add_noise(x0, noise, t)
+    x_t = view.add_noise(x0, noise, t)
     target = teacher.predict(x_t, t, cond, sets)
     return (view.predict(x_t, t, cond).float() - target.float()).pow(2).mean()
 
