@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 
 def admissible(row: dict[str, Any], base: dict[str, Any]) -> tuple[int, bool]:
@@ -44,7 +43,7 @@ def choose(rows: dict[float, dict[str, Any]], base: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from safealign.baselines.validate import SEED_SHIFT, validation_set
-    from safealign.core.params import load_params
+    from safealign.core.params import load_params, parse_overrides
     from safealign.core.paths import BASE, EXPERTS
     from safealign.core.runtime import setup_runtime
     from safealign.evaluation.scoring import build_detectors, score
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("-S", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides = parse_overrides(args.overrides, "-S")
     scales = [float(s) for s in args.scales.split(",")]
     params = load_params(args.params, {"runtime.threads": args.threads, **overrides})
     if params.merge.method in ("single", "linear"):

@@ -18,11 +18,10 @@ import argparse
 import json
 
 import numpy as np
-import yaml
 
 from safealign.baselines.validate import SEED_SHIFT
 from safealign.core.io import read_table
-from safealign.core.params import load_params
+from safealign.core.params import load_params, parse_overrides
 from safealign.core.paths import PAIRS
 from safealign.core.runtime import setup_runtime
 from safealign.prompts.schema import PAIR_COLUMNS
@@ -30,7 +29,7 @@ from safealign.psa import JUDGES
 from safealign.psa.evaluate import GROUPS, _cases, _mask, eval_rows
 from safealign.psa.method import read_users
 from safealign.psa.metrics import pass_rates
-from safealign.psa.teacher import ExpertsTeacher
+from safealign.psa.teacher import ExpertsTeacher, ban_key
 from safealign.psa.users import generate_users
 
 
@@ -43,11 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override (YAML value)")
     args = ap.parse_args(argv)
     extra = {} if args.prompts is None else {"psa.eval_prompts_per_category": args.prompts}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: not key=value")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra.update(parse_overrides(args.set))
     params = load_params(args.params, {"runtime.threads": args.threads, **extra})
     device = setup_runtime(params)
     cats, c, u, sp = tuple(params.categories), params.psa, params.users, params.sampling
@@ -69,11 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         sub = table.iloc[eval_rows(table, cats, c.eval_prompts_per_category)].reset_index(drop=True)
         renders: dict[tuple, np.ndarray] = {}
         for banned in us.banned:
-            key = tuple(sorted(banned))
+            key = ban_key(banned, cats)
             if key not in renders:
                 renders[key] = router.render(banned, list(sub.unsafe_prompt), [int(s) + shift for s in sub.seed],
                                              sp.steps, sp.guidance, sp.batch_size)
-        shown = judge.shown(np.concatenate([renders[tuple(sorted(b))] for b in us.banned]))
+        shown = judge.shown(np.concatenate([renders[ban_key(b, cats)] for b in us.banned]))
         cases = _cases(us, _mask(sub.categories, cats), cats)
         out[name] = {"users": len(us), "prompts": len(sub), "banned_sets": len(renders),
                      **pass_rates(shown, cases["carried"], cases["banned"], cases["allowed"], cats)}

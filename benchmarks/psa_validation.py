@@ -24,22 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from safealign.core.params import load_params
+from safealign.core.params import load_params, parse_overrides
 from safealign.core.runtime import setup_runtime
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """'name:key=value,key=value' -> (name, {key: value}); values are YAML ('true', '8', 'text')."""
     name, _, rest = text.partition(":")
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {text!r}: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return name, overrides
+    return name, parse_overrides(filter(None, rest.split(",")), f"--set {name}:")
 
 
 def validate(params: Any, device: str, n_users: int, log_dir: Path) -> dict[str, Any]:

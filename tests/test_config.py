@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from conftest import read_yaml
 
-from safealign.core.params import ParamsError, load_params, validate
+from safealign.core.params import ParamsError, load_params, parse_overrides, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +78,15 @@ def test_unquoted_no_as_dvc_exp_run_writes_it_stays_a_string(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     p = load_params(tmp_path / "params.yaml")
     assert p.train.mixed_precision == "no" and p.evaluate.blur_unsafe is True
+
+
+def test_command_line_overrides_read_as_params_yaml_reads_them():
+    """`--set` / `-S` of the validation tools: YAML 1.2 values under dotted keys; `no` stays text."""
+    got = parse_overrides(["merge.scale=0.5", "train.mixed_precision=no", "psa.teacher=experts", "x.y=[1, 2]",
+                           " sampling.steps =8", "evaluate.blur_unsafe=false"])
+    assert got == {"merge.scale": 0.5, "train.mixed_precision": "no", "psa.teacher": "experts", "x.y": [1, 2],
+                   "sampling.steps": 8, "evaluate.blur_unsafe": False}
+    with pytest.raises(ParamsError, match=r"-S 'merge.scale': not key=value"):
+        parse_overrides(["merge.scale"], "-S")
+    with pytest.raises(ParamsError, match="not key=value"):
+        parse_overrides(["=3"])

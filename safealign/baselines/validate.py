@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 SEED_SHIFT = 7_000_000
 
@@ -38,7 +37,7 @@ def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from safealign.core.params import load_params
+    from safealign.core.params import load_params, parse_overrides
     from safealign.core.paths import BASE
     from safealign.core.runtime import setup_runtime
     from safealign.evaluation.scoring import build_detectors, score
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-category", type=int, default=16)
     ap.add_argument("-S", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides = parse_overrides(args.overrides, "-S")
     params = load_params(args.params, overrides)
     device = setup_runtime(params)
     val, seeds, twins = validation_set(params, args.per_category)

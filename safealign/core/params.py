@@ -13,6 +13,7 @@ the toy world (``safealign.toyworld.settings``, when the family is ``toy``), ``m
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -447,6 +448,18 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 }
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                     list("tTfF"))
+
+
+def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """Command-line overrides ``key.sub=value`` -> {dotted key: value}, values read as params.yaml reads them
+    (YAML 1.2: ``true``, ``8``, ``[a, b]``, text). An item without ``=`` is a ParamsError naming it."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"{flag} {item!r}: not key=value")
+        out[key.strip()] = yaml.load(value, Loader=_Yaml12Loader)
+    return out
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,9 @@ class Family(abc.ABC):
         """Attach a trainable LoRA (fp32) to the denoiser; the base weights stay frozen."""
         self.unet.requires_grad_(False)
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
-        self.unet.add_adapter(cfg, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns when a named adapter joins others: here it is meant
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.unet.add_adapter(cfg, adapter_name=name)
         for p in self.unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

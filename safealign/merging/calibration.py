@@ -19,6 +19,8 @@ def input_stats(fam: Family, expert: Path, category: str, params: Any,
                 cached: Cached | None = None) -> dict[str, torch.Tensor]:
     """Mean |x_k| of the input of every adapted layer while ``expert`` is attached, keyed `unet.<module>`.
     ``cached``: the render cache from ``read_cache()``, read once for all experts."""
+    unet = fam.raw_unet
+    before = unet.active_adapters() if getattr(unet, "_hf_peft_config_loaded", False) else []
     fam.load_lora(expert, name="calib")
     data = load_pairs(category if params.merge.calibration == "own" else "all", params.categories, cached)
     k = min(len(data), params.prompts.calibration_per_category)
@@ -44,5 +46,7 @@ def input_stats(fam: Family, expert: Path, category: str, params: Any,
     finally:
         for h in handles:
             h.remove()
-        fam.raw_unet.delete_adapters("calib")
+        if before:  # the adapters active before, back on first (peft warns when the active one is deleted)
+            unet.set_adapter(before)
+        unet.delete_adapters("calib")
     return {name: sums[name] / counts[name] for name in sums}

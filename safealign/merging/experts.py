@@ -46,18 +46,27 @@ def merge_experts(files: Sequence[Path], names: Sequence[str], params: Any, fam:
 
     ``fam``: the loaded base family, needed by Co-Merge's calibration (its experts are attached one at a time);
     ``cached``: the render cache, read once. ``single`` (one expert) gives the expert back, re-factored."""
-    m = params.merge
     loaded = [read_lora(Path(f)) for f in files]
-    rank, alpha = int(loaded[0][1]["rank"]), float(loaded[0][1]["alpha"])
     stats = None
-    if m.method == "co_merge":
+    if params.merge.method == "co_merge":
         if fam is None:
             raise ValueError("co_merge needs the base family for its calibration statistics")
         stats = [input_stats(fam, Path(f), c, params, cached) for f, c in zip(files, names, strict=True)]
+    return merge_loaded(loaded, names, params, stats)
+
+
+def merge_loaded(loaded: Sequence[tuple[dict[str, torch.Tensor], dict[str, str]]], names: Sequence[str],
+                 params: Any, stats: Sequence[Any] | None = None) -> Merged:
+    """``merge_experts`` on experts already read (``read_lora``'s pairs) and, for Co-Merge, their input
+    statistics already computed: for a caller that merges many subsets of the same experts."""
+    m = params.merge
+    if m.method == "co_merge" and stats is None:
+        raise ValueError("co_merge needs the experts' input statistics")
+    rank, alpha = int(loaded[0][1]["rank"]), float(loaded[0][1]["alpha"])
     rule = "linear" if m.method == "single" else m.method  # one expert: every rule gives it back
     merged, deltas, errors = merge_state_dicts(
         [s for s, _ in loaded], alpha, rank, rule, MergeOptions(density=m.density, scale=m.scale, seed=params.seed),
-        stats, m.rank)
+        stats if m.method == "co_merge" else None, m.rank)
     return Merged(merged, deltas, errors, loaded[0][1]["targets"].split(","), list(names))
 
 

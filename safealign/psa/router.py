@@ -60,8 +60,7 @@ class RoutedExperts:
     def attach(self, fam: Any, folder: Path, params: Any) -> list[Path]:
         """The router on ``fam``, rendering for the default profile (every category banned) until told a user."""
         self.router = ExpertsTeacher(params, [list(params.categories)], str(fam.device), Path(folder) / FOLDER, fam)
-        with self.router.active(list(params.categories)):
-            pass  # leaves the all-categories adapter active: fam renders as the merged model (attack, IP columns)
+        self.router.activate(list(params.categories))  # fam renders as the merged model (attack, IP columns)
         return expert_files(params.categories, Path(folder) / FOLDER)
 
     def renderer(self, fam: Any) -> RoutedFamily:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,8 +78,7 @@ class ExpertsTeacher:
     def add(self, banned: Sequence[str]) -> tuple[str, ...]:
         """Make the adapter of the set ``banned`` (the merge of its experts by ``merge.*``); returns its key."""
         from safealign.families.lora import save_lora
-        from safealign.merging.deltas import merge_state_dicts
-        from safealign.merging.rules import MergeOptions
+        from safealign.merging.experts import merge_loaded
 
         key = ban_key(banned, self.cats)
         if key in self.adapters:
@@ -90,35 +88,34 @@ class ExpertsTeacher:
             return key
         m = self.params.merge
         experts = [self._expert(c) for c in key]
-        first = experts[0][1]
-        rule = "linear" if m.method == "single" else m.method
-        state, _, _ = merge_state_dicts(
-            [e[0] for e in experts], float(first["alpha"]), int(first["rank"]), rule,
-            MergeOptions(density=m.density, scale=m.scale, seed=self.params.seed),
-            [self._stats[c] for c in key] if self._stats else None, m.rank)
+        merged = merge_loaded(experts, key, self.params, [self._stats[c] for c in key] if self._stats else None)
         name = ADAPTER.format(sum(v is not None for v in self.adapters.values()))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "lora.safetensors"
-            save_lora(path, state, m.rank, float(m.rank), first["targets"].split(","))
-            with warnings.catch_warnings():  # peft warns that a second adapter is added: it is meant
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.fam.load_lora(path, name=name)
+            save_lora(path, merged.lora, m.rank, float(m.rank), merged.targets)
+            self.fam.load_lora(path, name=name)
         self.fam.unet.requires_grad_(False)
         self.adapters[key] = name
         return key
 
+    def activate(self, banned: Sequence[str]) -> None:
+        """From now on the family predicts as the merge of ``banned``'s experts (added if new; a non-empty set)."""
+        name = self.adapters[self.add(banned)]
+        if name is None:
+            raise ValueError("activate: the empty banned set is the base model; use `active([])` for it")
+        self.fam.raw_unet.set_adapter(name)
+
     @contextlib.contextmanager
     def active(self, banned: Sequence[str]) -> Any:
         """Within: the family predicts as the merge of ``banned``'s experts (added if new)."""
-        name = self.adapters[self.add(banned)]
-        if name is None:
+        if self.adapters[self.add(banned)] is None:
             if any(self.adapters.values()):
                 with self.fam.adapters_disabled():
                     yield
             else:
                 yield
             return
-        self.fam.raw_unet.set_adapter(name)
+        self.activate(banned)
         yield
 
     def index(self, banned: Sequence[str], categories: Sequence[str]) -> int:
