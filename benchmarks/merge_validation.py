@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def admissible(row: dict[str, Any], base: dict[str, Any]) -> tuple[int, bool]:
     """(categories at least halved against base, all bars held) for one scale's metrics."""
     halved = sum(row["ip"][c] <= 0.5 * base["ip"][c] for c in base["ip"])

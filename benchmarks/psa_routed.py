@@ -6,7 +6,8 @@ for a user who bans nothing (``safealign.psa.teacher.ExpertsTeacher``, also the 
 experts``). Judged by the toy judge on evaluate's protocol (the first ``psa.eval_users`` seen and unseen users,
 the first ``psa.eval_prompts_per_category`` test prompts of each category) and on psa_validation's validation
 users and prompts, with the prompts' seeds shifted by ``SEED_SHIFT`` (the experts trained on those training
-pairs' own seeds, as the baselines' validation set says). Nothing here is tuned on the test users or prompts. Needs the default pipeline's outputs (`dvc repro`).
+pairs' own seeds, as the baselines' validation set says). Nothing here is tuned on the test users or prompts.
+Needs the default pipeline's outputs (`dvc repro`).
 
     python benchmarks/psa_routed.py --users 24 [--prompts 4] [--set merge.scale=1.0 ...]
 

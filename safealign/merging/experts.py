@@ -66,7 +66,7 @@ def merge_loaded(loaded: Sequence[tuple[dict[str, torch.Tensor], dict[str, str]]
     rule = "linear" if m.method == "single" else m.method  # one expert: every rule gives it back
     merged, deltas, errors = merge_state_dicts(
         [s for s, _ in loaded], alpha, rank, rule, MergeOptions(density=m.density, scale=m.scale, seed=params.seed),
-        stats if m.method == "co_merge" else None, m.rank)
+        stats, m.rank)
     return Merged(merged, deltas, errors, loaded[0][1]["targets"].split(","), list(names))
 
 
