@@ -14,6 +14,6 @@ Layers, each importing only the ones above it in this list (docs/architecture.md
 The DVC stage commands live apart, in the top-level ``stages`` package.
 """
 
-from safealign.core.runtime import prefer_passive_wait as _prefer_passive_wait
+from safealign.core.runtime import prefer_short_spin as _prefer_short_spin
 
-_prefer_passive_wait()  # before torch loads OpenMP: the threading policy, safealign/core/runtime.py
+_prefer_short_spin()  # before torch loads OpenMP: the threading policy, safealign/core/runtime.py

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from safealign.core.runtime import poll_threads
+
 
 def concept_vector(embed: Callable[[list[str]], torch.Tensor], with_concept: Sequence[str],
                    without: Sequence[str]) -> torch.Tensor:
@@ -42,6 +44,7 @@ def genetic_search(fitness: Callable[[np.ndarray], np.ndarray], allowed: np.ndar
     fit = fitness(pop)
     history = [float(fit.max())]
     for _ in range(generations):
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         order = np.argsort(-fit)
         keep = pop[order[:elite]]
         n = population - elite

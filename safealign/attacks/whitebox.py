@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from safealign.core.runtime import poll_threads
+
 
 @contextlib.contextmanager
 def soft_tokens(embedding: torch.nn.Embedding, placeholder: int, soft: torch.Tensor) -> Iterator[None]:
@@ -65,6 +67,7 @@ def optimise(ctx: Any, prompt: str, x0: torch.Tensor, ref_cond: dict[str, torch.
     x0b = x0[None].expand(batch, *x0.shape).to(fam.device)
     ref_b = {k: v[None].expand(batch, *v.shape).to(fam.device) for k, v in ref_cond.items()}
     for _ in range(steps):
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         t = torch.randint(0, fam.num_train_timesteps, (batch,), generator=gen).to(fam.device)
         noise = torch.randn(x0b.shape, generator=gen).to(x0b)
         x_t = fam.add_noise(x0b, noise, t)

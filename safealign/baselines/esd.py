@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safealign.core.io import atomic_path
+from safealign.core.runtime import poll_threads
 
 LORA = "lora.safetensors"
 
@@ -95,6 +96,7 @@ class ErasedDiffusion:
         gen = torch.Generator().manual_seed(params.seed * 1000 + (1 if self.variant == "u" else 2))
         losses = []
         for _ in tqdm(range(e.steps), desc=self.name, leave=False):
+            poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
             rows = torch.randint(0, len(prompts), (e.batch_size,), generator=gen).tolist()
             stop = int(torch.randint(0, len(sched.timesteps), (1,), generator=gen))
             with torch.no_grad():

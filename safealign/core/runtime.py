@@ -2,20 +2,25 @@
 
 The threading policy (issue 17), all of it here:
 
-- **Passive OpenMP waiting.** ``import safealign`` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment
-  already sets it) before torch loads its OpenMP runtime: a thread that reaches a barrier first sleeps instead of
-  spinning. With the default spin-wait, two torch threads beside one busy process ran toy pretraining 4.3x slower
-  than on a quiet machine (measured: 0.75 against 3.20 steps/s); with passive waiting, 1.8x (1.69 against 3.09
-  steps/s), and no measurable loss on a quiet machine. In the whole default pipeline beside one busy core
-  (``benchmarks/pipeline.py``) ``base`` ran 1.9x slower, ``render`` 2.5x and the experts' LoRA training still
-  2.8-3.5x: on a shared machine, one thread (or ``auto``) is the setting that loses nothing.
+- **Short OpenMP spinning.** ``import safealign`` sets ``GOMP_SPINCOUNT=10000`` (unless the environment already
+  sets it or ``OMP_WAIT_POLICY``) before torch loads libgomp: a thread that reaches a barrier first spins about
+  10 microseconds, then sleeps. The toy model's ops are small and many, so a thread that sleeps at once
+  (``OMP_WAIT_POLICY=PASSIVE``, the policy until 2026-12-02) pays a futex wake-up per op; one that spins long
+  (libgomp's default, 300000) holds its core when another process needs it. ``python benchmarks/wait_policy.py``
+  (2 quiet cores, Intel Xeon, 2026-12-02): pretraining at 2 threads took 0.138 s a step with 10000, 0.267 s
+  passive (slower than 1 thread: 0.207 s), 0.139 s with libgomp's default; beside one busy core at 2 threads,
+  0.57 s with 10000, 0.31 s passive, 2.66 s with the default. One thread is 0.21 s quiet or busy, whatever the
+  policy. So the spin is short, and the thread count (next) keeps 2 threads off a busy core.
 - **Thread count.** ``runtime.threads``: ``auto`` (the default): the cores idle when the stage starts (sampled
   from ``/proc/stat`` over 0.2 s, rounded, at least 1, at most the cores this process may use). On a quiet 2-core
   machine that is 2; beside one busy process it is 1, and one thread loses nothing to a busy core, so a busy
-  core costs at most its share. Or a number (0 for torch's default). Rendering gives the same bytes at any
+  core costs at most its share. While the stage runs, its long loops (pretraining, training, rendering, attacks)
+  call ``poll_threads``: every 2 s it measures the cores that other processes use (``/proc/stat`` less this
+  process's own CPU time) and sets the thread count again by the same rule, so load that arrives (or leaves)
+  mid-stage moves it. Or a number (0 for torch's default), never changed. Rendering gives the same bytes at any
   thread count (measured on the toy), but training's float reductions depend on it: the committed ``dvc.lock``
-  (made with 2 threads) reproduces byte for byte where the stage ran with 2, and ``runtime.threads: 2`` pins
-  that on a loaded machine (at the cost of the slowdown above).
+  reproduces byte for byte where the stage ran with the same count on the same kind of CPU, and
+  ``runtime.threads: 2`` pins the count on a loaded machine (at the cost of the slowdown above).
 - Tests and CI run with ``OMP_NUM_THREADS=1`` and ``runtime.threads: 1`` (unaffected by either).
 
 Processes (``runtime.launcher``, docs/scaling.md): a stage launched as several processes (``accelerate launch``,
@@ -29,12 +34,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "10000"
+POLL_SECONDS = 2.0
 
 
-def prefer_passive_wait() -> None:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless already set; effective only before torch is first imported."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+def prefer_short_spin() -> None:
+    """Set ``GOMP_SPINCOUNT`` unless the environment sets it or ``OMP_WAIT_POLICY``; effective only before torch
+    is first imported."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
 
 
 def usable_cores() -> int:
@@ -64,6 +72,11 @@ def idle_cores(window: float = 0.2) -> float | None:
     return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
 
 
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def choose_threads(setting: int | str, idle: float | None = None, cores: int | None = None) -> int:
     """The torch thread count for ``runtime.threads`` (0 = leave torch's default, returned as 0)."""
     if setting != "auto":
@@ -72,6 +85,64 @@ def choose_threads(setting: int | str, idle: float | None = None, cores: int | N
     if idle is None:
         return cores
     return max(1, min(cores, int(idle + 0.5)))
+
+
+class ThreadGovernor:
+    """``runtime.threads: auto`` while a stage runs: ``poll`` (cheap; acts at most every ``interval`` seconds)
+    measures the cores other processes used since the last measurement and sets the thread count by
+    ``choose_threads``. The clock, the CPU counters and the setter are arguments so that tests can drive it."""
+
+    def __init__(self, threads: int, cores: int | None = None, interval: float = POLL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic,
+                 system: Callable[[], tuple[int, int] | None] = _cpu_times,
+                 own: Callable[[], float] = _own_cpu_seconds,
+                 set_threads: Callable[[int], None] | None = None, tick: float | None = None) -> None:
+        self.threads, self.cores, self.interval = threads, cores or usable_cores(), interval
+        self.clock, self.system, self.own = clock, system, own
+        self.set_threads = set_threads or _torch_set_threads
+        self.tick = tick or float(os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+        self.changes: list[tuple[int, int, float]] = []  # (from, to, other processes' cores)
+        self._mark()
+
+    def _mark(self) -> None:
+        self.t, self.cpu, self.mine = self.clock(), self.system(), self.own()
+
+    def others(self) -> float | None:
+        """Cores that other processes kept busy since the last mark (None where /proc/stat cannot be read)."""
+        now, cpu, mine = self.clock(), self.system(), self.own()
+        wall = now - self.t
+        if cpu is None or self.cpu is None or wall <= 0 or cpu[1] == self.cpu[1]:
+            return None
+        busy = ((cpu[1] - cpu[0]) - (self.cpu[1] - self.cpu[0])) / self.tick / wall  # cores busy, all processes
+        return max(0.0, busy - (mine - self.mine) / wall)
+
+    def poll(self) -> int:
+        if self.clock() - self.t < self.interval:
+            return self.threads
+        others = self.others()
+        self._mark()
+        if others is not None:
+            want = choose_threads("auto", self.cores - others, self.cores)
+            if want != self.threads:
+                self.changes.append((self.threads, want, round(others, 2)))
+                self.set_threads(want)
+                self.threads = want
+        return self.threads
+
+
+def _torch_set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+_GOVERNOR: ThreadGovernor | None = None
+
+
+def poll_threads() -> None:
+    """Called from long loops: re-sets the thread count under ``runtime.threads: auto`` (a no-op otherwise)."""
+    if _GOVERNOR is not None:
+        _GOVERNOR.poll()
 
 
 def resolve_device(device: str) -> str:
@@ -103,8 +174,11 @@ def setup_runtime(params: Any) -> str:
     """Set torch's thread count from ``runtime.threads`` and pick the device; returns the device string."""
     import torch
 
+    global _GOVERNOR
     setting = params.runtime.threads
     threads = choose_threads(setting, idle_cores() if setting == "auto" else None)
     if threads:
         torch.set_num_threads(threads)
-    return resolve_device(params.runtime.device)
+    device = resolve_device(params.runtime.device)
+    _GOVERNOR = ThreadGovernor(threads) if setting == "auto" and device == "cpu" else None
+    return device

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from safealign.core.runtime import poll_threads
+
 if TYPE_CHECKING:
     from safealign.families.base import Family
 
@@ -61,6 +63,7 @@ def ddim_render(fam: Family, prompts: Sequence[str], seeds: Sequence[int], steps
         sched.set_timesteps(steps)
         state: dict[str, Any] = {}
         for step, t in enumerate(sched.timesteps):
+            poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
             xin = sched.scale_model_input(torch.cat([x] * k), t)
             tt = torch.full((k * len(p),), int(t), device=fam.device)
             u, c, *extra = fam.predict(xin, tt, both).chunk(k)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safealign.core.io import write_csv_row
+from safealign.core.runtime import poll_threads
 from safealign.psa.branch import UserBranch, UserFamily
 from safealign.training.checkpoints import load_checkpoint, save_checkpoint, summarize_log, truncate_log
 from safealign.training.data import PairData
@@ -55,6 +56,7 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
     truncate_log(log_csv, start)
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         batch = data.select(idx)
         cond = {k: v.to(fam.device) for k, v in batch.cond.items()}

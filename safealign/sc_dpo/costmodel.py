@@ -17,6 +17,7 @@ import torch
 from safealign.core.hashing import int_seed
 from safealign.core.io import atomic_path, read_table, safetensors_bytes
 from safealign.core.paths import RENDER
+from safealign.core.runtime import poll_threads
 from safealign.families.rendering import load_png
 from safealign.sc_dpo import ENCODERS
 from safealign.sc_dpo.cost import cost_objective, image_cost
@@ -67,6 +68,7 @@ def fit_head(feats_u: torch.Tensor, feats_s: torch.Tensor, cats: torch.Tensor, c
     head.feat_std.copy_(both.std(0).clamp(min=1e-6))
     opt = torch.optim.Adam(head.mlp.parameters(), lr=cfg.cost_lr)
     for _ in range(cfg.cost_steps):
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         loss = cost_objective(head(feats_u), head(feats_s), cats, cfg.cost_contrast_weight, cfg.cost_anchor_weight,
                               cfg.cost_other_weight)
         opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from safealign.core.runtime import poll_threads
 from safealign.toyworld import world as tw
 from safealign.toyworld.detect import detect_batch
 
@@ -53,6 +54,7 @@ def pretrain(fam: Any, steps: int, batch_size: int, lr: float, pool_size: int, c
     running = 0.0
     bar = tqdm(range(steps), desc="pretrain", disable=not progress)
     for step in bar:
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         idx = torch.randint(0, len(captions), (batch_size,), generator=gen)
         drop = torch.rand(batch_size, generator=gen) < caption_dropout
         prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]

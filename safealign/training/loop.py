@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from safealign.core.errors import UserError
 from safealign.core.io import write_csv_row
+from safealign.core.runtime import poll_threads
 from safealign.families.base import Family
 from safealign.families.lora import set_module_state
 from safealign.training import LOSSES
@@ -72,6 +73,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
                disable=not accelerator.is_local_main_process)
     for step in bar:
+        poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         batch = data.select(idx[rank::world])
