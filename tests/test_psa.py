@@ -243,8 +243,8 @@ def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int, nu
         k_grad = sum(p.grad.abs().sum().item() for p in branch.user_parameters("k"))
         v_grad = sum(layer.to_v_user.weight.grad.abs().sum().item() for layer in branch.layers.values())
         assert v_grad > 0
-        if tokens == 1 and not null_token:
-            assert k_grad == 0.0
+        if tokens == 1 and not null_token:  # zero in exact arithmetic; AVX-512 kernels leave rounding (3e-8)
+            assert k_grad <= 1e-6 * max(v_grad, 1.0)
         else:
             assert k_grad > 1e-6
     finally:
