@@ -104,12 +104,15 @@ class ThreadGovernor:
         self.changes: list[tuple[int, int, float]] = []  # (from, to, other processes' cores)
         self._mark()
 
-    def _mark(self) -> None:
-        self.t, self.cpu, self.mine = self.clock(), self.system(), self.own()
+    def _mark(self, sample: tuple[float, tuple[int, int] | None, float] | None = None) -> None:
+        self.t, self.cpu, self.mine = sample or (self.clock(), self.system(), self.own())
 
     def others(self) -> float | None:
         """Cores that other processes kept busy since the last mark (None where /proc/stat cannot be read)."""
-        now, cpu, mine = self.clock(), self.system(), self.own()
+        return self._others((self.clock(), self.system(), self.own()))
+
+    def _others(self, sample: tuple[float, tuple[int, int] | None, float]) -> float | None:
+        now, cpu, mine = sample
         wall = now - self.t
         if cpu is None or self.cpu is None or wall <= 0 or cpu[1] == self.cpu[1]:
             return None
@@ -117,10 +120,12 @@ class ThreadGovernor:
         return max(0.0, busy - (mine - self.mine) / wall)
 
     def poll(self) -> int:
-        if self.clock() - self.t < self.interval:
+        now = self.clock()
+        if now - self.t < self.interval:  # the cheap path: one clock read
             return self.threads
-        others = self.others()
-        self._mark()
+        sample = (now, self.system(), self.own())  # one reading serves the measurement and the next mark
+        others = self._others(sample)
+        self._mark(sample)
         if others is not None:
             want = choose_threads("auto", self.cores - others, self.cores)
             if want != self.threads:
