@@ -8,49 +8,77 @@ is preferred, ties dropped. The pairs are cached like the render stage's, for ``
 ``sc_dpo.clean_share``. A source or preference scorer the configured family or detectors cannot serve (the
 toy's judge under an SD family) leaves the set empty with the reason in the metrics; ``sc_dpo`` with a clean
 share then refuses. Resumes after an interruption (``safealign.families.rendering``).
+
+Only ``method: sc_dpo`` with ``sc_dpo.clean_share`` > 0 reads the pairs; under any other setting the stage
+renders nothing and writes an empty set whose cache and metrics name why (``safealign.sc_dpo.clean_unused``),
+in about a second: the default SafetyDPO run skips 448 renders. ``dvc exp run -S method=sc_dpo`` re-runs it
+(its params include both keys) and renders them.
 """
 from __future__ import annotations
 
 import json
 import sys
-
-import numpy as np
-import pandas as pd
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from safealign.core.cli import run
-from safealign.core.errors import UserError
-from safealign.core.hashing import files_key
-from safealign.core.ids import clean_ids, clean_seeds
-from safealign.core.io import atomic_path, read_table, write_json, write_table
+from safealign.core.io import atomic_path, safetensors_bytes, write_json
 from safealign.core.params import load_params
-from safealign.core.paths import BASE, BENIGN, METRICS, PAIRS, base_files
-from safealign.core.runtime import setup_runtime
-from safealign.families import get_family
-from safealign.families.rendering import encode_cache, render_to_folder
-from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS, normalise
-from safealign.sc_dpo import CLEAN, CLEAN_SOURCES, PREFERENCE
-from safealign.sc_dpo.clean import MANIFEST_COLUMNS, preference_pairs
+from safealign.core.paths import METRICS
+from safealign.sc_dpo import CLEAN, UNUSED_KEY, clean_unused
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-def write_set(manifest: pd.DataFrame, cache: dict, info: dict) -> None:
+def write_set(manifest: pd.DataFrame, cache: dict, info: dict, unused: str | None = None) -> None:
+    from safealign.core.io import write_table
+
+    metadata = {"pair_ids": json.dumps(list(manifest.pair_id)), **({UNUSED_KEY: unused} if unused else {})}
     with atomic_path(CLEAN / "cache.safetensors") as tmp:
-        save_file(cache, str(tmp), metadata={"pair_ids": json.dumps(list(manifest.pair_id))})
+        tmp.write_bytes(safetensors_bytes(cache, metadata))  # no tensors (the unused set): written without torch
     write_table(CLEAN / "manifest.parquet", manifest)
     write_json(METRICS / "clean.json", info)
 
 
+def empty_manifest() -> pd.DataFrame:
+    import pandas as pd
+
+    from safealign.sc_dpo.clean import MANIFEST_COLUMNS
+
+    return pd.DataFrame({k: [] for k in MANIFEST_COLUMNS})
+
+
 def main(params_path: str = "params.yaml") -> None:
     params = load_params(params_path)
-    device = setup_runtime(params)
     c, s = params.sc_dpo, params.sampling
     CLEAN.mkdir(parents=True, exist_ok=True)
+    if reason := clean_unused(params):  # nothing reads the pairs: an empty set naming why, no rendering
+        write_set(empty_manifest(), {}, {"pairs": 0, "unused": reason}, unused=reason)
+        print(f"clean: not built ({reason})")
+        return
+    # the heavy imports (torch, diffusers) only for a stage that renders
+    import numpy as np
+    import pandas as pd
+
+    from safealign.core.errors import UserError
+    from safealign.core.hashing import files_key
+    from safealign.core.ids import clean_ids, clean_seeds
+    from safealign.core.io import read_table
+    from safealign.core.paths import BASE, BENIGN, PAIRS, base_files
+    from safealign.core.runtime import setup_runtime
+    from safealign.families import get_family
+    from safealign.families.rendering import encode_cache, render_to_folder
+    from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS, normalise
+    from safealign.sc_dpo import CLEAN_SOURCES, PREFERENCE
+    from safealign.sc_dpo.clean import preference_pairs
+
+    device = setup_runtime(params)
     try:
         scorer = PREFERENCE.get(c.clean_preference)(params)
         prompts = CLEAN_SOURCES.get(c.clean_source)(params)
     except UserError as e:
         print(f"clean: no clean pairs: {e}", file=sys.stderr)
-        write_set(pd.DataFrame({k: [] for k in MANIFEST_COLUMNS}), {}, {"pairs": 0, "unavailable": str(e)})
+        write_set(empty_manifest(), {}, {"pairs": 0, "unavailable": str(e)})
         return
     pairs, benign = read_table(PAIRS, PAIR_COLUMNS), read_table(BENIGN, BENIGN_COLUMNS)
     test = pairs[pairs.split == "test"]

@@ -259,7 +259,7 @@ def test_every_params_key_a_stage_reads_is_in_its_params(tmp_path: Path, monkeyp
     raw["method"] = "sc_dpo"
     raw["sc_dpo"].update(mode="experts", clean_share=0.5)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for stage in ("align", "evaluate"):
+    for stage in ("clean", "align", "evaluate"):  # clean renders only for sc_dpo: its keys of that path too
         log["keys"] = set()
         run_inline(project, stage)
         read[stage].update(log["keys"])

@@ -55,6 +55,18 @@ def test_concat_pairs_keeps_costs_only_when_both_have_them() -> None:
         concat_pairs(a, PairData(b.x0_w, b.x0_l, {"u": b.cond["t"]}))
 
 
+def test_the_clean_set_is_needed_only_by_sc_dpo_with_a_clean_share() -> None:
+    from safealign.core.params import load_params
+    from safealign.sc_dpo import clean_unused
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    with_method = lambda m, share: params.model_copy(update={"method": m, "sc_dpo": params.sc_dpo.model_copy(
+        update={"clean_share": share})})
+    assert clean_unused(with_method("sc_dpo", 0.25)) is None
+    for method, share in (("safetydpo", 0.25), ("psa", 0.25), ("sc_dpo", 0.0)):
+        assert "only method sc_dpo" in clean_unused(with_method(method, share)), (method, share)
+
+
 def test_grammar_clean_prompts_are_benign_training_forms_never_evaluation_prompts() -> None:
     from safealign.core.params import load_params
     from safealign.prompts.schema import normalise
@@ -92,14 +104,20 @@ def test_clean_stage_clean_share_and_experts_mode_on_the_tiny_project(tiny_refer
 
     project = tmp_path / "p"
     shutil.copytree(tiny_reference, project, ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
+    unused = json.loads((project / "metrics/clean.json").read_text())  # the reference runs method safetydpo
+    assert unused["pairs"] == 0 and "only method sc_dpo" in unused["unused"], unused
+    assert not (project / "data/clean/images").exists()  # nothing rendered
+
+    _params(project, **{"method": "sc_dpo", "sc_dpo.clean_share": 0.5})
+    proc = run_stage(project, "align", check=False)  # the set not yet built under these params: a clear refusal
+    assert proc.returncode == 2 and "not built" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    run_inline(project, "clean")
     clean = json.loads((project / "metrics/clean.json").read_text())
     manifest = __import__("pandas").read_parquet(project / "data/clean/manifest.parquet")
     assert clean["prompts"] == 12 and clean["pairs"] == len(manifest) and clean["pairs"] + clean["ties"] == 12
     assert (manifest.score_w > manifest.score_l).all() and (manifest.seed_w != manifest.seed_l).all()
     if clean["pairs"] == 0:
         pytest.skip("the tiny base model rendered every clean prompt's two images equally well")
-
-    _params(project, **{"method": "sc_dpo", "sc_dpo.clean_share": 0.5})
     run_inline(project, "align")
     info = json.loads((project / "metrics/align.json").read_text())
     assert info["clean_pairs"] == {"all": info["pairs"]} and info["mode"] == "single"  # share 0.5: as many clean
@@ -122,7 +140,8 @@ def test_a_clean_set_that_cannot_be_built_is_reported_and_sc_dpo_refuses(tiny_re
 
     project = tmp_path / "p"
     shutil.copytree(tiny_reference, project, ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
-    _params(project, **{"sc_dpo.clean_source": "file", "sc_dpo.clean_path": "nowhere.csv"})
+    _params(project, **{"method": "sc_dpo", "sc_dpo.clean_share": 0.25, "sc_dpo.clean_source": "file",
+                        "sc_dpo.clean_path": "nowhere.csv"})
     run_inline(project, "clean")
     info = json.loads((project / "metrics/clean.json").read_text())
     assert info["pairs"] == 0 and "sc_dpo.clean_path" in info["unavailable"]

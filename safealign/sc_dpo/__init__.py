@@ -32,5 +32,18 @@ CLEAN_SOURCES: Registry[Any] = Registry("clean prompt source")  # sc_dpo.clean_s
 CLEAN_SOURCES.add_lazy("grammar", "safealign.toyworld.grammar:clean_prompts")
 CLEAN_SOURCES.add_lazy("file", "safealign.sc_dpo.clean:file_prompts")
 
+UNUSED_KEY = "not_built"  # metadata key of the clean stage's cache when no method reads the clean pairs
+
+
+def clean_unused(params: Any) -> str | None:
+    """Why the clean-prompt pairs are not needed under ``params``, or None when something reads them: only
+    ``method: sc_dpo`` with ``sc_dpo.clean_share`` > 0 mixes them into training. The `clean` stage then writes
+    an empty set whose cache names the reason, instead of rendering (as `train_all` writes its marker)."""
+    if params.method == "sc_dpo" and params.sc_dpo.clean_share > 0:
+        return None
+    return "not read: only method sc_dpo with sc_dpo.clean_share > 0 reads the clean pairs"  # the same for
+    # every other setting, so that switching between them leaves the stage's output (and what follows) unchanged
+
+
 PREFERENCE: Registry[Any] = Registry("clean-pair preference")  # sc_dpo.clean_preference: (params) -> scorer
 PREFERENCE.add_lazy("prompt_match", "safealign.sc_dpo.clean:PromptMatch")

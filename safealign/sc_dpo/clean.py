@@ -29,7 +29,7 @@ import torch
 
 from safealign.core.errors import UserError
 from safealign.core.io import read_table
-from safealign.sc_dpo import CLEAN
+from safealign.sc_dpo import CLEAN, UNUSED_KEY
 from safealign.training.data import PairData
 
 MANIFEST_COLUMNS = ("pair_id", "prompt", "seed_w", "seed_l", "score_w", "score_l", "image_w", "image_l")
@@ -79,9 +79,14 @@ def read_clean(folder: Path = CLEAN) -> tuple[pd.DataFrame, PairData | None]:
     from safetensors.torch import load_file
 
     manifest = read_table(Path(folder) / "manifest.parquet", MANIFEST_COLUMNS)
-    if manifest.empty:
-        return manifest, None
     path = Path(folder) / "cache.safetensors"
+    if manifest.empty:
+        with safe_open(str(path), framework="pt") as f:
+            unused = (f.metadata() or {}).get(UNUSED_KEY)
+        if unused:
+            raise UserError(f"{path}: the clean pairs were not built ({unused}); run `dvc repro clean` under the "
+                            "present params (dvc repro does it)")
+        return manifest, None
     cache = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         order = json.loads(f.metadata()["pair_ids"])
