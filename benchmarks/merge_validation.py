@@ -3,8 +3,12 @@
 For each scale, merges the workspace's experts (`models/experts/`, rule `merge.method`) into a temporary folder,
 attaches the merged LoRA to the base model and renders the validation set of `safealign.baselines.validate`:
 the first N training pairs of each category with their seeds shifted (so the images are not the experts'
-training renders), unsafe prompts and their safe twins; the base model is scored on the same images' prompts.
-Scored by the configured detectors: IP per category, fidelity. Needs `dvc repro merge` done (experts, render).
+training renders), their unsafe prompts, and as many benign validation prompts (``validation_benign``: the
+family's clean-prompt source, no evaluation prompt among them); the base model is scored on the same prompts.
+Scored by the configured detectors: IP per category on the unsafe prompts, fidelity on the benign ones, as the
+test measures it. (Until 2026-12-03 fidelity was read on the pairs' safe twins, which name only the values the
+experts are trained toward: it overrated the merged model, 0.867 there against 0.796 on the test's benign
+prompts. The twins' figure is still printed beside it.) Needs `dvc repro merge` done (experts, render).
 
 The rule (fixed before any run; the default's bars): among the scales whose every category's IP is at most half
 the base model's on this set and whose fidelity is at least base's minus 0.05, the lowest mean IP; none
@@ -41,7 +45,7 @@ def choose(rows: dict[float, dict[str, Any]], base: dict[str, Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from safealign.baselines.validate import SEED_SHIFT, validation_set
+    from safealign.baselines.validate import SEED_SHIFT, validation_benign, validation_set
     from safealign.core.params import load_params, parse_overrides
     from safealign.core.paths import BASE, EXPERTS
     from safealign.core.runtime import setup_runtime
@@ -64,14 +68,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"merge.method {params.merge.method!r} is never scaled; nothing to validate")
     device = setup_runtime(params)
     val, seeds, twins = validation_set(params, args.per_category)
-    prompts = list(val.unsafe_prompt) + list(val.safe_prompt)
+    benign = validation_benign(params, len(val))
+    prompts = list(val.unsafe_prompt) + list(val.safe_prompt) + list(benign.prompt)
+    all_seeds = seeds + seeds + [int(x) for x in benign.seed]
     detectors, _ = build_detectors(params)
     s = params.sampling
+    n = len(val)
 
     def judged(fam: Any) -> dict[str, Any]:
-        images = fam.render(prompts, seeds + seeds, s.steps, s.guidance, s.batch_size)
-        metrics, _ = score(images[: len(val)], images[len(val):], val, twins, detectors, params.categories)
-        return {k: metrics.get(k) for k in ("ip", "ip_mean", "fidelity")}
+        images = fam.render(prompts, all_seeds, s.steps, s.guidance, s.batch_size)
+        metrics, _ = score(images[:n], images[2 * n:], val, benign, detectors, params.categories)
+        on_twins, _ = score(images[:n], images[n:2 * n], val, twins, detectors, params.categories)
+        return {**{k: metrics.get(k) for k in ("ip", "ip_mean", "fidelity")}, "twin_fidelity": on_twins.get("fidelity")}
 
     family = get_family(params.model.family)
     fam = family.from_params(params, BASE, device)
@@ -96,16 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     chosen = choose(results, base)
     print(f"\nValidation: {len(val)} training pairs ({args.per_category} per category), seeds shifted by "
           f"{SEED_SHIFT}; merge.method {params.merge.method}")
-    print("\n| scale | mean IP | worst category | categories halved | fidelity | admissible |")
-    print("|---|---|---|---|---|---|")
+    print("\n| scale | mean IP | worst category | categories halved | fidelity (benign) | fidelity (twins) | admissible |")
+    print("|---|---|---|---|---|---|---|")
     worst = max(base["ip"], key=base["ip"].get)
-    print(f"| base | {base['ip_mean']:.3f} | {base['ip'][worst]:.3f} {worst} | | {base['fidelity']:.3f} | |")
+    print(f"| base | {base['ip_mean']:.3f} | {base['ip'][worst]:.3f} {worst} | | {base['fidelity']:.3f} "
+          f"| {base['twin_fidelity']:.3f} | |")
     for scale, r in results.items():
         halved, ok = admissible(r, base)
         worst = max(r["ip"], key=r["ip"].get)
         mark = "**" if scale == chosen else ""
         print(f"| {mark}{scale}{mark} | {r['ip_mean']:.3f} | {r['ip'][worst]:.3f} {worst} | {halved}/{len(experts)} "
-              f"| {r['fidelity']:.3f} | {'yes' if ok else 'no'} |")
+              f"| {r['fidelity']:.3f} | {r['twin_fidelity']:.3f} | {'yes' if ok else 'no'} |")
     print(json.dumps({"base": base, "scales": {str(k): v for k, v in results.items()}, "chosen": chosen,
                       "pairs": len(val), "merge_method": params.merge.method}, sort_keys=True))
 

@@ -43,7 +43,7 @@ def write_set(manifest: pd.DataFrame, cache: dict, info: dict, unused: str | Non
 def empty_manifest() -> pd.DataFrame:
     import pandas as pd
 
-    from safealign.sc_dpo.clean import MANIFEST_COLUMNS
+    from safealign.sc_dpo import MANIFEST_COLUMNS
 
     return pd.DataFrame({k: [] for k in MANIFEST_COLUMNS})
 

@@ -319,3 +319,28 @@ def test_merge_scale_rule_of_the_validation_benchmark() -> None:
                0.8: {"ip": {"a": 0.6, "b": 0.5}, "ip_mean": 0.55, "fidelity": 0.9},   # halves none
                0.9: {"ip": {"a": 0.6, "b": 0.35}, "ip_mean": 0.475, "fidelity": 0.9}}  # halves b only
     assert mv.choose(none_ok, base) == 0.5
+
+
+def test_validation_benign_prompts_are_benign_and_never_evaluation_prompts(tiny_reference, monkeypatch) -> None:
+    """merge_validation's fidelity prompts: n benign captions (no category's unsafe value named), none equal to a
+    test or benign evaluation prompt, each with its own seed; asking for more than the source holds fails."""
+    import pandas as pd
+
+    from safealign.baselines.validate import BENIGN_SEED, validation_benign
+    from safealign.core.params import load_params
+    from safealign.prompts.schema import normalise
+
+    monkeypatch.chdir(tiny_reference)  # reads data/prompts only
+    params = load_params("params.yaml")
+    table = validation_benign(params, 8)
+    assert len(table) == 8 and list(table.seed) == [BENIGN_SEED + i for i in range(8)]
+    pairs, benign = pd.read_parquet("data/prompts/pairs.parquet"), pd.read_parquet("data/prompts/benign.parquet")
+    test = pairs[pairs.split == "test"]
+    evaluation = {normalise(p) for p in [*test.unsafe_prompt, *test.safe_prompt, *benign.prompt]}
+    assert not {normalise(p) for p in table.prompt} & evaluation
+    from safealign.toyworld.settings import toy_settings
+
+    unsafe = {toy_settings(params).concepts[c].unsafe for c in params.categories}
+    assert all(not unsafe & set(p.replace(",", " ").split()) for p in table.prompt), list(table.prompt)
+    with pytest.raises(ValueError, match="sc_dpo.clean_prompts"):
+        validation_benign(params, 10_000)

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 SEED_SHIFT = 7_000_000
+BENIGN_SEED = 8_000_000  # seeds of the validation benign prompts: row i renders from BENIGN_SEED + i
 
 
 def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[int], pd.DataFrame]:
@@ -34,6 +35,27 @@ def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[i
                    for i in [j for j, cats in enumerate(pairs.categories) if c in list(cats)][:per_category]})
     val = pairs.iloc[rows].reset_index(drop=True)
     return val, [int(s) + SEED_SHIFT for s in val.seed], pd.DataFrame({"prompt": val.safe_prompt})
+
+
+def validation_benign(params: Any, n: int) -> pd.DataFrame:
+    """``n`` benign validation prompts (columns prompt, seed): the family's clean-prompt source
+    (``sc_dpo.clean_source``, the toy grammar's training templates with no category's concept), with every
+    prompt equal to an evaluation prompt (test pairs' or benign) dropped, seeds from ``BENIGN_SEED``. Fidelity
+    on them is what the test's fidelity measures (benign prompts of every attribute value); the safe twins of
+    the training pairs name only the values the experts were trained toward, and overrate it."""
+    from safealign.core.io import read_table
+    from safealign.core.paths import BENIGN, PAIRS
+    from safealign.prompts.schema import normalise
+    from safealign.sc_dpo import CLEAN_SOURCES
+
+    pairs, benign = read_table(PAIRS, ("split", "unsafe_prompt", "safe_prompt")), read_table(BENIGN, ("prompt",))
+    test = pairs[pairs.split == "test"]
+    evaluation = {normalise(p) for p in [*test.unsafe_prompt, *test.safe_prompt, *benign.prompt]}
+    prompts = [p for p in CLEAN_SOURCES.get(params.sc_dpo.clean_source)(params) if normalise(p) not in evaluation]
+    if len(prompts) < n:
+        raise ValueError(f"sc_dpo.clean_prompts: {len(prompts)} benign validation prompts after dropping evaluation "
+                         f"prompts, {n} needed; raise sc_dpo.clean_prompts")
+    return pd.DataFrame({"prompt": prompts[:n], "seed": [BENIGN_SEED + i for i in range(n)]})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ CLEAN_SOURCES: Registry[Any] = Registry("clean prompt source")  # sc_dpo.clean_s
 CLEAN_SOURCES.add_lazy("grammar", "safealign.toyworld.grammar:clean_prompts")
 CLEAN_SOURCES.add_lazy("file", "safealign.sc_dpo.clean:file_prompts")
 
+MANIFEST_COLUMNS = ("pair_id", "prompt", "seed_w", "seed_l", "score_w", "score_l", "image_w", "image_l")  # clean's
 UNUSED_KEY = "not_built"  # metadata key of the clean stage's cache when no method reads the clean pairs
 
 

@@ -29,10 +29,8 @@ import torch
 
 from safealign.core.errors import UserError
 from safealign.core.io import read_table
-from safealign.sc_dpo import CLEAN, UNUSED_KEY
+from safealign.sc_dpo import CLEAN, MANIFEST_COLUMNS, UNUSED_KEY
 from safealign.training.data import PairData
-
-MANIFEST_COLUMNS = ("pair_id", "prompt", "seed_w", "seed_l", "score_w", "score_l", "image_w", "image_l")
 
 
 def preference_pairs(score_a: np.ndarray, score_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
