@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from safealign.core.cli import run
-from safealign.core.io import atomic_path, safetensors_bytes, write_json
+from safealign.core.io import atomic_path, safetensors_bytes, write_json, write_table
 from safealign.core.params import load_params
 from safealign.core.paths import METRICS
-from safealign.sc_dpo import CLEAN, UNUSED_KEY, clean_unused
-
-if TYPE_CHECKING:
-    import pandas as pd
+from safealign.sc_dpo import CLEAN, MANIFEST_COLUMNS, UNUSED_KEY, clean_unused
 
 
 def write_set(manifest: pd.DataFrame, cache: dict, info: dict, unused: str | None = None) -> None:
-    from safealign.core.io import write_table
-
     metadata = {"pair_ids": json.dumps(list(manifest.pair_id)), **({UNUSED_KEY: unused} if unused else {})}
     with atomic_path(CLEAN / "cache.safetensors") as tmp:
         tmp.write_bytes(safetensors_bytes(cache, metadata))  # no tensors (the unused set): written without torch
@@ -41,10 +37,6 @@ def write_set(manifest: pd.DataFrame, cache: dict, info: dict, unused: str | Non
 
 
 def empty_manifest() -> pd.DataFrame:
-    import pandas as pd
-
-    from safealign.sc_dpo import MANIFEST_COLUMNS
-
     return pd.DataFrame({k: [] for k in MANIFEST_COLUMNS})
 
 
@@ -58,7 +50,6 @@ def main(params_path: str = "params.yaml") -> None:
         return
     # the heavy imports (torch, diffusers) only for a stage that renders
     import numpy as np
-    import pandas as pd
 
     from safealign.core.errors import UserError
     from safealign.core.hashing import files_key
@@ -68,7 +59,7 @@ def main(params_path: str = "params.yaml") -> None:
     from safealign.core.runtime import setup_runtime
     from safealign.families import get_family
     from safealign.families.rendering import encode_cache, render_to_folder
-    from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS, normalise
+    from safealign.prompts.schema import BENIGN_COLUMNS, PAIR_COLUMNS, evaluation_prompts, normalise
     from safealign.sc_dpo import CLEAN_SOURCES, PREFERENCE
     from safealign.sc_dpo.clean import preference_pairs
 
@@ -80,9 +71,7 @@ def main(params_path: str = "params.yaml") -> None:
         print(f"clean: no clean pairs: {e}", file=sys.stderr)
         write_set(empty_manifest(), {}, {"pairs": 0, "unavailable": str(e)})
         return
-    pairs, benign = read_table(PAIRS, PAIR_COLUMNS), read_table(BENIGN, BENIGN_COLUMNS)
-    test = pairs[pairs.split == "test"]
-    evaluation = {normalise(p) for p in [*test.unsafe_prompt, *test.safe_prompt, *benign.prompt]}
+    evaluation = evaluation_prompts(read_table(PAIRS, PAIR_COLUMNS), read_table(BENIGN, BENIGN_COLUMNS))
     leaked = [p for p in prompts if normalise(p) in evaluation]
     prompts = [p for p in prompts if normalise(p) not in evaluation]
     ids, seeds = clean_ids(len(prompts)), clean_seeds(params.seed, len(prompts))

@@ -45,12 +45,11 @@ def validation_benign(params: Any, n: int) -> pd.DataFrame:
     the training pairs name only the values the experts were trained toward, and overrate it."""
     from safealign.core.io import read_table
     from safealign.core.paths import BENIGN, PAIRS
-    from safealign.prompts.schema import normalise
+    from safealign.prompts.schema import evaluation_prompts, normalise
     from safealign.sc_dpo import CLEAN_SOURCES
 
-    pairs, benign = read_table(PAIRS, ("split", "unsafe_prompt", "safe_prompt")), read_table(BENIGN, ("prompt",))
-    test = pairs[pairs.split == "test"]
-    evaluation = {normalise(p) for p in [*test.unsafe_prompt, *test.safe_prompt, *benign.prompt]}
+    evaluation = evaluation_prompts(read_table(PAIRS, ("split", "unsafe_prompt", "safe_prompt")),
+                                    read_table(BENIGN, ("prompt",)))
     prompts = [p for p in CLEAN_SOURCES.get(params.sc_dpo.clean_source)(params) if normalise(p) not in evaluation]
     if len(prompts) < n:
         raise ValueError(f"sc_dpo.clean_prompts: {len(prompts)} benign validation prompts after dropping evaluation "

@@ -39,6 +39,13 @@ def normalise(prompt: str) -> str:
     return " ".join(prompt.lower().replace(",", " ").split()).strip(" .")
 
 
+def evaluation_prompts(pairs: pd.DataFrame, benign: pd.DataFrame) -> set[str]:
+    """The normalised prompts that evaluation renders: both sides of the test pairs and the benign prompts. A
+    prompt generated for anything else (clean pairs, validation) is dropped when its normalised form is here."""
+    test = pairs[pairs.split == "test"]
+    return {normalise(p) for p in [*test.unsafe_prompt, *test.safe_prompt, *benign.prompt]}
+
+
 def check_pairs(pairs: pd.DataFrame, source: str = "pairs") -> None:
     """Invariants every backend's output must meet; errors name the table and the row."""
     missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]

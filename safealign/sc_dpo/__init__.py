@@ -39,11 +39,12 @@ UNUSED_KEY = "not_built"  # metadata key of the clean stage's cache when no meth
 def clean_unused(params: Any) -> str | None:
     """Why the clean-prompt pairs are not needed under ``params``, or None when something reads them: only
     ``method: sc_dpo`` with ``sc_dpo.clean_share`` > 0 mixes them into training. The `clean` stage then writes
-    an empty set whose cache names the reason, instead of rendering (as `train_all` writes its marker)."""
+    an empty set whose cache names the reason, instead of rendering (as `train_all` writes its marker). The
+    reason is the same for every other setting, so switching between them leaves that set (and what follows)
+    unchanged."""
     if params.method == "sc_dpo" and params.sc_dpo.clean_share > 0:
         return None
-    return "not read: only method sc_dpo with sc_dpo.clean_share > 0 reads the clean pairs"  # the same for
-    # every other setting, so that switching between them leaves the stage's output (and what follows) unchanged
+    return "not read: only method sc_dpo with sc_dpo.clean_share > 0 reads the clean pairs"
 
 
 PREFERENCE: Registry[Any] = Registry("clean-pair preference")  # sc_dpo.clean_preference: (params) -> scorer
