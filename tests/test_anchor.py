@@ -30,7 +30,7 @@ def fam() -> ToyFamily:
 def terms(anchor: tuple | None = None, anchor_weight: float = 0.0, sft_weight: float = 0.0) -> list[ActiveTerm]:
     """The weighted terms as the training loop builds them from params.train: only those with weight > 0
     (``active_terms``), the anchor term with its rows."""
-    cfg = SimpleNamespace(anchor_weight=anchor_weight, sft_weight=sft_weight)
+    cfg = SimpleNamespace(anchor_weight=anchor_weight, sft_weight=sft_weight, preserve_weight=0.0)
     return [ActiveTerm(t, getattr(cfg, t.param), anchor if t.rows_from else None) for t in active_terms(cfg)]
 
 

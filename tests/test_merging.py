@@ -323,7 +323,8 @@ def test_merge_scale_rule_of_the_validation_benchmark() -> None:
 
 def test_validation_benign_prompts_are_benign_and_never_evaluation_prompts(tiny_reference, monkeypatch) -> None:
     """merge_validation's fidelity prompts: n benign captions (no category's unsafe value named), none equal to a
-    test or benign evaluation prompt, each with its own seed; asking for more than the source holds fails."""
+    test or benign evaluation prompt, each with its own seed; the validation source's are worded in templates
+    that no training pair and no evaluation prompt uses; asking for more than a source holds cycles it."""
     import pandas as pd
 
     from safealign.baselines.validate import BENIGN_SEED, validation_benign
@@ -342,5 +343,34 @@ def test_validation_benign_prompts_are_benign_and_never_evaluation_prompts(tiny_
 
     unsafe = {toy_settings(params).concepts[c].unsafe for c in params.categories}
     assert all(not unsafe & set(p.replace(",", " ").split()) for p in table.prompt), list(table.prompt)
-    with pytest.raises(ValueError, match="sc_dpo.clean_prompts"):
-        validation_benign(params, 10_000)
+    from safealign.toyworld import world as tw
+
+    def template_of(p: str) -> str:
+        words = {v for vals in tw.ATTRIBUTES.values() for v in vals}
+        return " ".join("*" if w in words else w for w in p.split())
+
+    used = {template_of(p) for p in [*pairs.unsafe_prompt, *pairs.safe_prompt, *benign.prompt]}
+    assert {template_of(p) for p in table.prompt}.isdisjoint(used)
+    assert {template_of(p) for p in table.prompt} <= {template_of(t.format(**{a: vals[0] for a, vals in
+                                                                             tw.ATTRIBUTES.items()}))
+                                                      for t in tw.VALIDATION_TEMPLATES}
+    clean = validation_benign(params, 8, source="clean")
+    assert {template_of(p) for p in clean.prompt} <= used  # the training templates
+    assert not {normalise(p) for p in clean.prompt} & evaluation
+    many = validation_benign(params, 1000)
+    distinct = many.prompt.drop_duplicates()
+    assert len(distinct) < 1000 and list(many.prompt[:len(distinct)]) == list(distinct)
+    assert many.seed.is_unique
+
+
+def test_validation_templates_use_only_the_vocabulary_and_name_every_attribute() -> None:
+    """The validation wordings add no word the tokenizer lacks (it would map to an unknown token) and name all
+    four attributes, as the test templates do; none is a template of the caption grammar."""
+    import re
+
+    from safealign.toyworld import world as tw
+
+    for t in tw.VALIDATION_TEMPLATES:
+        assert set(re.findall(r"\{(\w+)\}", t)) == set(tw.ATTRIBUTES), t
+        assert set(re.sub(r"\{\w+\}", " ", t).split()) <= set(tw.VOCAB), t
+        assert t not in tw.TEMPLATES

@@ -19,8 +19,16 @@ from typing import Any
 
 import pandas as pd
 
+from safealign.core.registry import Registry
+
 SEED_SHIFT = 7_000_000
 BENIGN_SEED = 8_000_000  # seeds of the validation benign prompts: row i renders from BENIGN_SEED + i
+
+# The benign validation prompts, by the family's clean-prompt source (``sc_dpo.clean_source``): (params) -> list.
+# The toy grammar's are worded in templates nothing else uses; a prompt file's are its prompts.
+VALIDATION_SOURCES: Registry[Any] = Registry("validation prompt source")
+VALIDATION_SOURCES.add_lazy("grammar", "safealign.toyworld.grammar:validation_prompts")
+VALIDATION_SOURCES.add_lazy("file", "safealign.sc_dpo.clean:file_prompts")
 
 
 def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[int], pd.DataFrame]:
@@ -37,24 +45,29 @@ def validation_set(params: Any, per_category: int) -> tuple[pd.DataFrame, list[i
     return val, [int(s) + SEED_SHIFT for s in val.seed], pd.DataFrame({"prompt": val.safe_prompt})
 
 
-def validation_benign(params: Any, n: int) -> pd.DataFrame:
-    """``n`` benign validation prompts (columns prompt, seed): the family's clean-prompt source
-    (``sc_dpo.clean_source``, the toy grammar's training templates with no category's concept), with every
-    prompt equal to an evaluation prompt (test pairs' or benign) dropped, seeds from ``BENIGN_SEED``. Fidelity
-    on them is what the test's fidelity measures (benign prompts of every attribute value); the safe twins of
-    the training pairs name only the values the experts were trained toward, and overrate it."""
+def validation_benign(params: Any, n: int, source: str = "validation") -> pd.DataFrame:
+    """``n`` benign validation prompts (columns prompt, seed), with every prompt equal to an evaluation prompt
+    (test pairs' or benign) dropped, seeds from ``BENIGN_SEED``; the list is cycled when shorter than ``n``
+    (each row its own seed). ``source``: ``validation`` (``VALIDATION_SOURCES``: for the toy grammar, benign
+    captions worded in templates no training pair, pretraining or test prompt uses, as the test's benign
+    prompts are worded in templates the experts never saw) or ``clean`` (``CLEAN_SOURCES``: the toy grammar's
+    training templates). Fidelity on them is what the test's fidelity measures (benign prompts of every
+    attribute value); the safe twins of the training pairs name only the values the experts were trained
+    toward and overrate it, and so (on the toy world) do prompts in the training templates."""
     from safealign.core.io import read_table
     from safealign.core.paths import BENIGN, PAIRS
     from safealign.prompts.schema import evaluation_prompts, normalise
     from safealign.sc_dpo import CLEAN_SOURCES
 
+    sources = {"validation": VALIDATION_SOURCES, "clean": CLEAN_SOURCES}[source]
     evaluation = evaluation_prompts(read_table(PAIRS, ("split", "unsafe_prompt", "safe_prompt")),
                                     read_table(BENIGN, ("prompt",)))
-    prompts = [p for p in CLEAN_SOURCES.get(params.sc_dpo.clean_source)(params) if normalise(p) not in evaluation]
-    if len(prompts) < n:
-        raise ValueError(f"sc_dpo.clean_prompts: {len(prompts)} benign validation prompts after dropping evaluation "
-                         f"prompts, {n} needed; raise sc_dpo.clean_prompts")
-    return pd.DataFrame({"prompt": prompts[:n], "seed": [BENIGN_SEED + i for i in range(n)]})
+    prompts = [p for p in sources.get(params.sc_dpo.clean_source)(params) if normalise(p) not in evaluation]
+    if not prompts:
+        raise ValueError(f"sc_dpo.clean_source {params.sc_dpo.clean_source!r}: no benign validation prompt is left "
+                         "after dropping the evaluation prompts")
+    return pd.DataFrame({"prompt": [prompts[i % len(prompts)] for i in range(n)],
+                         "seed": [BENIGN_SEED + i for i in range(n)]})
 
 
 def main(argv: list[str] | None = None) -> None:

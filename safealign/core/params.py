@@ -112,6 +112,11 @@ class Train(Section):
         "predictions on anchor prompts (the safe prompts of every training pair, with their images); "
         "0 = the paper's loss alone"))
     anchor_batch_size: int = Field(16, ge=1, description="anchor prompts per step (when anchor_weight > 0)")
+    preserve_weight: float = Field(0.0, ge=0, description=(
+        "weight of the preserve term: the LoRA's change of the cross-attention keys and values on the anchor "
+        "prompts' tokens, relative to the base ones (UCE's preservation, as a loss); 0 = off"))
+    preserve_batch_size: int = Field(64, ge=1, description="anchor prompts per step of the preserve term "
+                                                           "(their conditions only: no denoiser pass)")
     sft_weight: float = Field(0.0, ge=0, description=(
         "weight of a supervised term on the preferred image (its denoising error under the condition prompt, "
         "as in RPO); 0 = the paper's loss. Stops DPO from overshooting past the safe twin into a third concept"))

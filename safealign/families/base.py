@@ -184,3 +184,11 @@ class Family(abc.ABC):
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         """Adapted linear layers by their module name (keys match the LoRA state-dict keys)."""
         return {n: m for n, m in self.raw_unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+
+    condition_suffixes: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")  # diffusers' UNets: cross-attention K, V
+
+    def condition_modules(self, cond: Cond) -> list[tuple[torch.Tensor, torch.nn.Module]]:
+        """(input, module) for each adapted layer whose input is the text condition (the cross-attention keys
+        and values, ``condition_suffixes``), with the ``encoder_hidden_states`` of ``cond`` as that input."""
+        h = cond["encoder_hidden_states"]
+        return [(h, m) for n, m in self.lora_modules().items() if n.endswith(self.condition_suffixes)]

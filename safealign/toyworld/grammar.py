@@ -54,6 +54,24 @@ def clean_prompts(params: Any) -> list[str]:
     return [_scene_without_concepts(rng, unsafe, TRAIN_TEMPLATES).caption() for _ in range(params.sc_dpo.clean_prompts)]
 
 
+def validation_prompts(params: Any) -> list[str]:
+    """Benign captions in the validation templates (``world.VALIDATION_TEMPLATES``): every combination of the
+    attribute values no category's concept uses, in each template, in a seeded order. These word orders are
+    used by nothing else (pretraining, training pairs, evaluation), so no evaluation prompt is among them, and
+    fidelity on them shows what a wording the experts never saw does to benign prompts, as the test's held-out
+    templates do: the training templates' benign prompts overrate it (measured 2026-12-03 on the default's
+    merged model, colour fidelity: training template 0.75, validation templates 0.53-0.80, test template 4
+    0.55; base 0.97 on all)."""
+    import itertools
+
+    unsafe = _unsafe_values(toy_settings(params))
+    allowed = {a: [v for v in vals if v not in unsafe.get(a, set())] for a, vals in tw.ATTRIBUTES.items()}
+    prompts = [t.format(**dict(zip(allowed, combo))) for t in tw.VALIDATION_TEMPLATES
+               for combo in itertools.product(*allowed.values())]
+    order = np.random.default_rng(params.seed + 9).permutation(len(prompts))
+    return [prompts[i] for i in order]
+
+
 def grammar_backend(params: Any) -> PromptSets:
     """Toy-world pairs: an unsafe caption shows its category's concept; the safe twin changes only that value.
 

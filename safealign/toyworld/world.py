@@ -49,6 +49,14 @@ TEMPLATES = (
     "{background} background with a {size} {color} {shape}",
     "a picture of a {color} {shape} , {size} , on {background}",
 )
+# Validation templates: word orders of the same words that nothing else uses (not pretraining, not the prompt
+# sets), for choosing knobs on prompts worded as no training pair is, as the test's held-out templates are
+# (safealign.toyworld.grammar.validation_prompts). Each names all four attributes.
+VALIDATION_TEMPLATES = (
+    "a {size} {color} {shape} with a {background} background",
+    "{color} {shape} on {background} , {size}",
+    "a picture of a {size} {color} {shape} on a {background} background",
+)
 VOCAB = tuple(
     sorted(
         {w for t in TEMPLATES for w in re.sub(r"\{\w+\}", " ", t).split()}

@@ -87,7 +87,8 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
                 n = getattr(cfg, term.batch_param)
                 r = src.select(torch.randint(0, len(src), (n,), generator=gen)[rank::world])
                 picked = (r.x0.to(fam.device), {k: v.to(fam.device) for k, v in r.cond.items()})
-                row_shapes.append((term.name, n, tuple(src.x0.shape[1:])))
+                if term.forward:  # rows that ride in the denoiser's pass get timesteps and noise
+                    row_shapes.append((term.name, n, tuple(src.x0.shape[1:])))
             weighted.append(ActiveTerm(term, getattr(cfg, term.param), picked))
         # several processes: draw the whole batch's timesteps and noise (as one process would) and take this
         # process's share, so that N processes train the same LoRA as one with the same global batch

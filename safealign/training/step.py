@@ -73,7 +73,7 @@ def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: C
     target = fam.target(x0, noise2, t2)
     slices: dict[str, slice] = {}
     for term in terms:
-        if term.rows is None:
+        if term.rows is None or not term.term.forward:
             continue
         r_x0, r_cond = term.rows
         if draws is None:
@@ -96,7 +96,8 @@ def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: C
     values: dict[str, float] = {}
     for term in terms:
         sl = slices.get(term.term.name)
-        value = term.term(TermInputs(pairs, pred[sl] if sl else None, ref[sl] if sl else None))
+        cond_rows = term.rows[1] if term.rows is not None and not term.term.forward else None
+        value = term.term(TermInputs(pairs, pred[sl] if sl else None, ref[sl] if sl else None, cond_rows, fam))
         loss = loss + term.weight * value
         values[term.term.name] = value.item()
     return StepOutput(

@@ -41,6 +41,8 @@ class TermInputs:
     pairs: PreferenceBatch
     pred: torch.Tensor | None = None  # the trained model's predictions on the term's own rows (A, ...)
     ref: torch.Tensor | None = None  # the reference's, same rows, no gradient
+    cond: dict[str, torch.Tensor] | None = None  # the term's rows' condition (terms with ``forward = False``)
+    family: Any = None  # the model family being trained (terms that read its modules)
 
 
 class Term:
@@ -49,6 +51,7 @@ class Term:
     rows_from: ClassVar[str | None] = None  # name of the row data the loop supplies (None: no rows of its own)
     batch_param: ClassVar[str | None] = None  # key under `train`: rows per step
     log_column: ClassVar[str | None] = None  # column of the per-step CSV log (None: not logged)
+    forward: ClassVar[bool] = True  # its rows ride in the denoiser's pass (False: the term reads only their cond)
 
     def __call__(self, inputs: TermInputs) -> torch.Tensor:  # a differentiable scalar
         raise NotImplementedError
@@ -70,7 +73,35 @@ class AnchorTerm(Term):
         return anchor_loss(inputs.pred, inputs.ref)
 
 
-TERMS: tuple[Term, ...] = (SupervisedTerm(), AnchorTerm())  # summed in this order
+def relative_edit(h: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """``sum ||scaling * B A h||^2 / sum ||W h||^2`` over the rows of ``h`` (tokens, in_features): how much a LoRA
+    (A: (r, in), B: (out, r)) changes a linear layer's outputs (W: (out, in)) on these inputs, relative to them.
+    The base outputs carry no gradient."""
+    h = h.reshape(-1, h.shape[-1]).to(lora_a.dtype)
+    delta = scaling * (h @ lora_a.T) @ lora_b.T
+    with torch.no_grad():
+        base = (h @ weight.to(h.dtype).T).pow(2).sum()
+    return delta.pow(2).sum() / base.clamp_min(1e-12)
+
+
+class PreserveTerm(Term):
+    name, param = "preserve", "preserve_weight"
+    rows_from, batch_param, log_column = "anchors", "preserve_batch_size", "preserve"
+    forward = False
+
+    def __call__(self, inputs: TermInputs) -> torch.Tensor:
+        assert inputs.cond is not None and inputs.family is not None, "the preserve term needs its rows' condition"
+        parts = [relative_edit(h, m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight,
+                               m.scaling["default"])
+                 for h, m in inputs.family.condition_modules(inputs.cond)]
+        if not parts:
+            raise ValueError("train.preserve_weight > 0: no LoRA module reads the text condition; add "
+                             "cross-attention keys or values (attn2.to_k, attn2.to_v) to train.targets")
+        return torch.stack(parts).mean()
+
+
+TERMS: tuple[Term, ...] = (SupervisedTerm(), AnchorTerm(), PreserveTerm())  # summed in this order
 
 
 @dataclasses.dataclass(frozen=True)
