@@ -436,3 +436,29 @@ def llm_fault_run(tmp_path_factory: pytest.TempPathFactory) -> LLMRun:
         asked = len(fake.bodies) - before
     output = Path(proc.log.name).read_text(errors="replace") + done.stdout + done.stderr
     return LLMRun(ref, project, asked_ref, asked, set(fake.auth), output)
+
+
+@pytest.fixture
+def lora_family():
+    """A tiny toy family (16 channels, two attention levels) with a fresh LoRA on the cross-attention keys and
+    values, one thread: the anchor and preserve term tests' model."""
+    import torch
+
+    from safealign.families.toy import ToyFamily
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    f = ToyFamily.build(patch=4, widths=(16, 16), attention=(True, True), text_dim=16, seed=0)
+    f.eval()
+    f.add_lora(4, 4.0, ["attn2.to_k", "attn2.to_v"])
+    return f
+
+
+def drift_lora(fam: Any, scale: float = 0.5) -> None:
+    """Move a family's LoRA away from zero (seeded) so the model differs from its reference."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in fam.lora_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))

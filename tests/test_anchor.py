@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import drift_lora
 
 from safealign.families.toy import ToyFamily
 from safealign.toyworld import world as tw
@@ -18,13 +19,8 @@ from safealign.training.terms import ActiveTerm, active_terms, anchor_loss
 
 
 @pytest.fixture
-def fam() -> ToyFamily:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    f = ToyFamily.build(patch=4, widths=(16, 16), attention=(True, True), text_dim=16, seed=0)
-    f.eval()
-    f.add_lora(4, 4.0, ["attn2.to_k", "attn2.to_v"])
-    return f
+def fam(lora_family: ToyFamily) -> ToyFamily:
+    return lora_family
 
 
 def terms(anchor: tuple | None = None, anchor_weight: float = 0.0, sft_weight: float = 0.0) -> list[ActiveTerm]:
@@ -40,11 +36,7 @@ def images(fam: ToyFamily, colours: list[str], seed: int) -> torch.Tensor:
 
 
 def drift(fam: ToyFamily, scale: float = 0.5) -> None:
-    """Move the LoRA away from zero so the model differs from its reference."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in fam.lora_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    drift_lora(fam, scale)
 
 
 def model_vs_reference(fam: ToyFamily, prompts: list[str], x0: torch.Tensor) -> float:

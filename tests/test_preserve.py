@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import drift_lora
 
 from safealign.families.toy import ToyFamily
 from safealign.toyworld import world as tw
@@ -16,20 +17,12 @@ from safealign.training.terms import ActiveTerm, PreserveTerm, TermInputs, activ
 
 
 @pytest.fixture
-def fam() -> ToyFamily:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    f = ToyFamily.build(patch=4, widths=(16, 16), attention=(True, True), text_dim=16, seed=0)
-    f.eval()
-    f.add_lora(4, 4.0, ["attn2.to_k", "attn2.to_v"])
-    return f
+def fam(lora_family: ToyFamily) -> ToyFamily:
+    return lora_family
 
 
 def drift(fam: ToyFamily, scale: float = 0.5) -> None:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in fam.lora_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    drift_lora(fam, scale)
 
 
 def edit(fam: ToyFamily, prompts: list[str]) -> float:
