@@ -112,6 +112,10 @@ class Train(Section):
         "predictions on anchor prompts (the safe prompts of every training pair, with their images); "
         "0 = the paper's loss alone"))
     anchor_batch_size: int = Field(16, ge=1, description="anchor prompts per step (when anchor_weight > 0)")
+    focus: float = Field(0.0, ge=0, le=1, description=(
+        "share of each pair's denoising-error weight put where its two images differ (0 = uniform, the paper's). "
+        "The weights average 1 per pair, so a pair whose images differ on a small area gets a margin that much "
+        "larger (a per-pair beta) and its supervised term reads that area"))
     preserve_weight: float = Field(0.0, ge=0, description=(
         "weight of the preserve term: the LoRA's change of the cross-attention keys and values on the anchor "
         "prompts' tokens, relative to the base ones (UCE's preservation, as a loss); 0 = off"))

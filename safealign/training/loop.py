@@ -98,7 +98,7 @@ def train_expert(fam: Family, data: PairData, cfg: Any, seed: int, key: str, che
             costs = {k: None if v is None else v.to(fam.device) for k, v in
                      (("cost_w", batch.cost_w), ("cost_l", batch.cost_l))}
             out = preference_step(fam, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, cfg.beta,
-                                  gen, weighted, draws=draws, **costs)
+                                  gen, weighted, draws=draws, focus=cfg.focus, **costs)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         accelerator.clip_grad_norm_(params, 1.0)

@@ -15,7 +15,7 @@ import torch
 
 from safealign.families.base import Cond, Family, cond_cat
 from safealign.training.losses import LossFn, PreferenceBatch, reduce
-from safealign.training.terms import ActiveTerm, TermInputs, per_sample_error
+from safealign.training.terms import ActiveTerm, TermInputs, difference_weights, per_sample_error, weighted_error
 
 
 @dataclass
@@ -55,7 +55,8 @@ def global_draws(fam: Family, batch: int, shape: Sequence[int], rows: Sequence[t
 def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, loss_fn: LossFn, beta: float,
                     generator: torch.Generator, terms: Sequence[ActiveTerm] = (),
                     weight: torch.Tensor | None = None, cost_w: torch.Tensor | None = None,
-                    cost_l: torch.Tensor | None = None, draws: StepDraws | None = None) -> StepOutput:
+                    cost_l: torch.Tensor | None = None, draws: StepDraws | None = None,
+                    focus: float = 0.0) -> StepOutput:
     """x0_w, x0_l: (B, C, h, w) in model space; cond: the condition of each pair (B rows); ``weight``: optional
     per-pair weights (B,) of the reduction; ``cost_w`` / ``cost_l``: optional per-pair safety costs (B,), passed
     to the loss in the record. ``terms``: weighted extra terms, rows (x0 (A, C, h, w), cond) given for the terms
@@ -88,8 +89,14 @@ def preference_step(fam: Family, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: C
     pred = fam.predict(x_t, t2, cond2)
     with torch.no_grad(), fam.adapters_disabled():
         ref = fam.predict(x_t, t2, cond2)
-    err_w, err_l = per_sample_error(pred[: 2 * b], target).chunk(2)
-    ref_w, ref_l = per_sample_error(ref[: 2 * b], target).chunk(2)
+    if focus:
+        w = difference_weights(x0_w, x0_l, focus)
+        w2 = torch.cat([w, w])
+        err_w, err_l = weighted_error(pred[: 2 * b], target, w2).chunk(2)
+        ref_w, ref_l = weighted_error(ref[: 2 * b], target, w2).chunk(2)
+    else:
+        err_w, err_l = per_sample_error(pred[: 2 * b], target).chunk(2)
+        ref_w, ref_l = per_sample_error(ref[: 2 * b], target).chunk(2)
     pairs = PreferenceBatch(err_w, err_l, ref_w, ref_l, weight=weight, cost_w=cost_w, cost_l=cost_l)
     out = loss_fn(pairs, beta)
     loss = reduce(out.losses, weight)

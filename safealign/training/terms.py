@@ -31,6 +31,24 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
+def difference_weights(x0_w: torch.Tensor, x0_l: torch.Tensor, focus: float) -> torch.Tensor:
+    """Per-position weights of a pair's denoising errors, (B, 1, ...): ``(1 - focus) + focus * d / mean(d)`` with
+    ``d`` the absolute difference of the two images summed over channels, so each pair's weights average 1 and
+    ``focus`` of them sit where its images differ (``train.focus``; 0 = uniform, the paper's error). Positions
+    where the images agree add the same error to both sides of the preference margin, so the margin never depends
+    on them: weighting scales a pair's margin by its weight on the differing positions, up to (area)^-1 at focus
+    1, a per-pair beta inversely proportional to how much of the image the safe edit touches (pink -> white on a
+    small object is a few percent of the pixels). The supervised term's err_w is weighted the same way."""
+    d = (x0_w.float() - x0_l.float()).abs().sum(1, keepdim=True)
+    mean = d.flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
+    return (1 - focus) + focus * d / mean
+
+
+def weighted_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``per_sample_error`` with per-position weights broadcast over channels: (N, ...) -> (N,)."""
+    return ((pred.float() - target.float()).pow(2) * weights).flatten(1).mean(1)
+
+
 def anchor_loss(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
     """Mean over anchor rows of the squared difference between model and reference predictions (a scalar)."""
     return per_sample_error(pred, ref_pred.detach()).mean()
