@@ -31,6 +31,7 @@ def test_experiments_from_real_dvc_exp_show_output() -> None:
 
     rows = experiments(json.loads(FIXTURE.read_text()))
     assert [r["name"] for r in rows] == ["workspace", "master", "try-b"]
+    assert rows[0]["rev"] == "workspace" and all(len(r["rev"]) == 7 for r in rows[1:])  # SHAs short, names whole
     assert [r["method"] for r in rows] == ["b", "a", "b"]
     assert [r["aligned.ip_mean"] for r in rows] == [0.25, 0.5, 0.25] and rows[2]["merge.method"] == "co"
     assert experiments(None) == [] and experiments([{"rev": "x", "data": {}, "experiments": None}]) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -68,7 +69,8 @@ def experiments(exp_show: Any) -> list[dict[str, Any]]:
         if not metrics:
             return
         params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-        rows.append({"name": name, "rev": str(entry.get("rev", ""))[:7],
+        rev = str(entry.get("rev", ""))
+        rows.append({"name": name, "rev": rev[:7] if re.fullmatch(r"[0-9a-f]{8,40}", rev) else rev,  # a SHA, short
                      **{k: params.get(k) for k in EXPERIMENT_PARAMS}, **flatten(metrics)})
 
     for commit in exp_show or []:
