@@ -159,6 +159,40 @@ def test_ties_go_to_the_lower_expert_index() -> None:
     assert_close(co_merge([d2, d1], stats=[torch.zeros(2), torch.zeros(2)]), d2)
 
 
+BALANCED = MergeOptions(scale=1.0, balance=True)
+
+
+def test_balance_lets_an_expert_with_a_small_edit_win_where_it_acts_most() -> None:
+    d1 = torch.tensor([[4.0, 2.0]])  # mean |d1| 3: balanced [4/3, 2/3]
+    d2 = torch.tensor([[1.0, 0.2]])  # mean |d2| 0.6: balanced [5/3, 1/3]
+    assert_close(max_abs([d1, d2]), d1)  # unbalanced, the large edit wins every element
+    assert_close(max_abs([d1, d2], options=BALANCED), torch.tensor([[1.0, 2.0]]))
+    # co_merge: activations [4, 2] and [2, 0.1] (stats [1, 1], [2, 0.5]); balanced [4/3, 2/3] and [40/21, 2/21]
+    s1, s2 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.5])
+    assert_close(co_merge([d1, d2], stats=[s1, s2]), d1)
+    assert_close(co_merge([d1, d2], stats=[s1, s2], options=BALANCED), torch.tensor([[1.0, 2.0]]))
+
+
+def test_balance_does_not_depend_on_an_expert_s_overall_strength() -> None:
+    deltas = experts(3, 5, 6)
+    stats = [randn(6, seed=20 + i).abs() + 0.1 for i in range(3)]
+    scaled = [deltas[0], 10.0 * deltas[1], 0.01 * deltas[2]]
+    for rule, kw in ((max_abs, {}), (co_merge, {"stats": stats})):
+        base = rule(deltas, options=BALANCED, **kw)
+        picked = [(base == d) & (d != 0) for d in deltas]  # which expert each element came from
+        expect = sum(p * d for p, d in zip(picked, scaled))
+        assert_close(rule(scaled, options=BALANCED, **kw), expect)
+        assert not torch.equal(rule(scaled, **kw), rule(scaled, options=BALANCED, **kw))
+
+
+def test_balance_keeps_an_all_zero_expert_out() -> None:
+    d1, zero = torch.tensor([[1.0, -2.0]]), torch.zeros(1, 2)
+    assert_close(max_abs([zero, d1], options=BALANCED), d1)
+    assert_close(co_merge([zero, d1], stats=[torch.ones(2), torch.ones(2)], options=BALANCED), d1)
+    with pytest.raises(ValueError, match="balance"):
+        MergeOptions(balance=1)  # type: ignore[arg-type]
+
+
 def test_co_merge_needs_valid_stats() -> None:
     deltas = experts(2)
     with pytest.raises(ValueError, match="co_merge"):

@@ -139,6 +139,8 @@ class Merge(Section):
     density: float = Field(0.5, gt=0, le=1, description="share of weights kept (ties, dare)")
     scale: float = Field(1.0, gt=0, description="lambda: multiplies the merged delta of every rule but linear (1 = the rule as published)")
     calibration: Literal["own", "all"] = Field("own", description="co_merge: calibration prompts per expert")
+    balance: bool = Field(False, description=(
+        "co_merge and max_abs: each expert's activation over its own mean on the layer before the argmax (ours)"))
 
     @field_validator("method")
     @classmethod

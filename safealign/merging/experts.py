@@ -65,7 +65,8 @@ def merge_loaded(loaded: Sequence[tuple[dict[str, torch.Tensor], dict[str, str]]
     rank, alpha = int(loaded[0][1]["rank"]), float(loaded[0][1]["alpha"])
     rule = "linear" if m.method == "single" else m.method  # one expert: every rule gives it back
     merged, deltas, errors = merge_state_dicts(
-        [s for s, _ in loaded], alpha, rank, rule, MergeOptions(density=m.density, scale=m.scale, seed=params.seed),
+        [s for s, _ in loaded], alpha, rank, rule, MergeOptions(density=m.density, scale=m.scale, seed=params.seed,
+                                                           balance=m.balance),
         stats, m.rank)
     return Merged(merged, deltas, errors, loaded[0][1]["targets"].split(","), list(names))
 

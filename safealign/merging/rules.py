@@ -31,11 +31,14 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class MergeOptions:
     """Whole-merge options. ``density``: share of entries kept by ties/dare, in (0, 1]. ``scale``: λ of task
-    arithmetic, ties, dare, max_abs and co_merge. ``seed``: seed of dare's drop mask."""
+    arithmetic, ties, dare, max_abs and co_merge. ``seed``: seed of dare's drop mask. ``balance``: max_abs and
+    co_merge divide each expert's activation by its mean over the layer before the per-element argmax (ours,
+    not the paper's: an expert whose edit is small everywhere otherwise loses nearly every element)."""
 
     density: float = 0.5
     scale: float = 1.0
     seed: int = 0
+    balance: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.density <= 1:
@@ -44,6 +47,8 @@ class MergeOptions:
             raise ValueError(f"MergeOptions.scale must be finite, got {self.scale}")
         if not isinstance(self.seed, int):
             raise ValueError(f"MergeOptions.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"MergeOptions.balance must be a bool, got {self.balance!r}")
 
 
 DEFAULT_OPTIONS = MergeOptions()
@@ -85,6 +90,20 @@ def _winner_takes_all(stack: torch.Tensor, activation: torch.Tensor) -> torch.Te
     is_max = activation == activation.max(dim=0, keepdim=True).values  # (n, out, in)
     first_max = is_max & (is_max.cumsum(dim=0) == 1)
     return (stack * first_max).sum(dim=0)
+
+
+def _balanced(activation: torch.Tensor) -> torch.Tensor:
+    """Each expert's activation over its own mean on the layer: (n, out, in) -> (n, out, in).
+
+    a_i / mean(a_i), so that every expert's activations average 1 and the argmax compares where each expert
+    acts most *relative to itself*. An expert whose activation is zero everywhere stays zero (it wins nothing
+    but ties). Scale-free: multiplying one expert's delta by c > 0 leaves the result's mask unchanged."""
+    mean = activation.mean(dim=(1, 2), keepdim=True)
+    return torch.where(mean > 0, activation / torch.where(mean > 0, mean, torch.ones_like(mean)), activation)
+
+
+def _activation(activation: torch.Tensor, options: MergeOptions) -> torch.Tensor:
+    return _balanced(activation) if options.balance else activation
 
 
 # ---------------------------------------------------------------------- rules
@@ -140,11 +159,11 @@ def max_abs(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_O
             stats: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Largest magnitude wins (a baseline; Co-Merge without input statistics).
 
-    n × (out, in) -> (out, in): per element (o, k), Δ_i[o, k] of the expert i with the largest |Δ_i[o, k]|;
-    ties go to the lowest expert index; times λ = options.scale.
+    n × (out, in) -> (out, in): per element (o, k), Δ_i[o, k] of the expert i with the largest |Δ_i[o, k]|
+    (over its mean |Δ_i| on the layer with ``options.balance``); ties go to the lowest expert index; times λ.
     """
     stack = _stack(deltas, "max_abs")
-    return options.scale * _winner_takes_all(stack, stack.abs())
+    return options.scale * _winner_takes_all(stack, _activation(stack.abs(), options))
 
 
 def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_OPTIONS,
@@ -157,6 +176,7 @@ def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_
     read; the argmax does not depend on λ, so λ < 1 is the same as merging experts trained to a smaller strength).
     Note: a statistic shared by all experts (e.g. collected on the base model) cancels in the argmax, and the
     rule gives ``max_abs`` (exactly so where that statistic is positive).
+    ``options.balance`` (ours): a_i / mean_{o,k} a_i before the argmax (``_balanced``).
     """
     stack = _stack(deltas, "co_merge")
     if stats is None:
@@ -168,4 +188,4 @@ def co_merge(deltas: Sequence[torch.Tensor], *, options: MergeOptions = DEFAULT_
         raise ValueError(f"co_merge: stats have shape {tuple(s.shape[1:])}; each must be (in,) = ({stack.shape[2]},)")
     if not torch.isfinite(s).all() or (s < 0).any():
         raise ValueError("co_merge: stats must be finite and non-negative (mean |x|)")
-    return options.scale * _winner_takes_all(stack, stack.abs() * s[:, None, :])
+    return options.scale * _winner_takes_all(stack, _activation(stack.abs() * s[:, None, :], options))
