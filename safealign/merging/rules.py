@@ -96,10 +96,11 @@ def _balanced(activation: torch.Tensor) -> torch.Tensor:
     """Each expert's activation over its own mean on the layer: (n, out, in) -> (n, out, in).
 
     a_i / mean(a_i), so that every expert's activations average 1 and the argmax compares where each expert
-    acts most *relative to itself*. An expert whose activation is zero everywhere stays zero (it wins nothing
-    but ties). Scale-free: multiplying one expert's delta by c > 0 leaves the result's mask unchanged."""
+    acts most *relative to itself*. An expert whose activation is zero everywhere stays zero (activations are
+    non-negative, so a zero mean means all zeros: divided by 1; it wins nothing but ties). Scale-free:
+    multiplying one expert's delta by c > 0 leaves the result's mask unchanged."""
     mean = activation.mean(dim=(1, 2), keepdim=True)
-    return torch.where(mean > 0, activation / torch.where(mean > 0, mean, torch.ones_like(mean)), activation)
+    return activation / torch.where(mean > 0, mean, torch.ones_like(mean))
 
 
 def _activation(activation: torch.Tensor, options: MergeOptions) -> torch.Tensor:
