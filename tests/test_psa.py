@@ -268,7 +268,8 @@ def test_interrupted_branch_training_resumes_to_the_same_branch(tiny_toy: Any, t
         cond = {**fam.encode_prompts(["a red circle", "a blue cross", "a pink square", "a green circle"]),
                 "xattn.user": torch.randn(4, 12, generator=g)}
     data = PairData(torch.randn(4, 12, 4, 4, generator=g), torch.randn(4, 12, 4, 4, generator=g), cond)
-    cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=6, batch_size=4, sft_weight=1.0, checkpoint_every=2)
+    cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=6, batch_size=4, sft_weight=1.0, checkpoint_every=2,
+                          focus=0.0)
 
     def train(log: Path, ckpts: Path) -> dict[str, torch.Tensor]:
         branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
@@ -298,6 +299,45 @@ def test_interrupted_branch_training_resumes_to_the_same_branch(tiny_toy: Any, t
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not torch.equal(whole["projection.proj.weight"], attach_state_of_untrained(fam))
     assert (tmp_path / "cut.csv").read_text() == (tmp_path / "whole.csv").read_text()
+
+
+def test_psa_focus_weights_the_pixels_where_the_pair_differs(tiny_toy: Any, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """psa.focus reaches the preference step of every branch step, and it changes what the branch learns: a
+    pair whose two images differ in one pixel trains another branch with focus 0.9 than with 0."""
+    from types import SimpleNamespace
+
+    from safealign.psa import train as psa_train
+    from safealign.psa.branch import attach_branch, detach_branch
+    from safealign.training import LOSSES
+    from safealign.training.data import PairData
+
+    fam = tiny_toy
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        cond = {**fam.encode_prompts(["a red circle", "a blue cross"]), "xattn.user": torch.randn(2, 12, generator=g)}
+    x0_w = torch.randn(2, 12, 4, 4, generator=g)
+    x0_l = x0_w.clone()
+    x0_l[:, :, 1, 2] += 1.0  # the pair differs in one position
+    data = PairData(x0_w, x0_l, cond)
+    seen: list[float] = []
+    step = psa_train.preference_step
+    monkeypatch.setattr(psa_train, "preference_step",
+                        lambda *a, **k: (seen.append(k["focus"]), step(*a, **k))[1])
+
+    def train(focus: float) -> torch.Tensor:
+        cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=3, batch_size=2, sft_weight=0.0, checkpoint_every=0,
+                              focus=focus)
+        branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
+        try:
+            psa_train.train_branch(fam, branch, data, cfg, 10.0, LOSSES.get("dpo"), 5, tmp_path / f"{focus}.csv")
+            return branch.state_dict()["projection.proj.weight"].clone()
+        finally:
+            detach_branch(fam.unet, branch)
+
+    uniform, focused = train(0.0), train(0.9)
+    assert seen == [0.0] * 3 + [0.9] * 3
+    assert not torch.allclose(uniform, focused)
 
 
 def attach_state_of_untrained(fam: Any) -> torch.Tensor:
@@ -383,6 +423,7 @@ def test_embed_profiles_whole_or_by_fields() -> None:
     assert out.tolist() == [[7.0, 24.0, 25.0], [8.0, 18.0, 19.0]]
     assert calls[1:] == [["Age: 9.", "Age: 40."], ["Banned categories: hate.", "Banned categories:"],
                          ["Allowed categories: none.", "Allowed categories:"]]
+    assert embed_profiles(embedder, texts, "lists").tolist() == [[24.0, 25.0], [18.0, 19.0]]  # no demographics
     with pytest.raises(ValueError, match="profile_parts"):
         embed_profiles(embedder, texts, "halves")
 

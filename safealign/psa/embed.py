@@ -7,8 +7,11 @@
   (D = the model's hidden size).
 
 ``psa.profile_parts`` (``embed_profiles``): ``whole`` embeds the profile text in one piece (the release);
-``fields`` (default) embeds its three parts apart (the demographics, the ``Banned categories:`` sentence, the
-``Allowed categories:`` sentence) and concatenates them (D x 3). Measured on the default users (minilm,
+``fields`` embeds its three parts apart (the demographics, the ``Banned categories:`` sentence, the
+``Allowed categories:`` sentence) and concatenates them (D x 3); ``lists`` (default) embeds the two list
+sentences alone (D x 2: the demographics, which the rules turned into the lists, are left out; validated above
+``fields``, docs/psa.md). A free-text profile is read through its two list sentences, so it should carry them.
+Measured on the default users (minilm,
 logistic probe trained on the 64 seen users, tested on the 32 unseen): whether each category is banned is read
 back from the whole-text vector with accuracy 0.81-0.83 (one category 0.56), from the field vectors with 1.00.
 A mean-pooled vector of the whole text mixes the two lists, which name the same words.
@@ -87,13 +90,14 @@ def profile_parts(text: str) -> list[str]:
 
 
 def embed_profiles(embedder: Any, texts: Sequence[str], parts: str) -> np.ndarray:
-    """``embedder`` (texts -> (N, D)) applied by ``psa.profile_parts``: ``whole`` (N, D) or ``fields`` (N, 3 D)."""
+    """``embedder`` (texts -> (N, D)) applied by ``psa.profile_parts``: ``whole`` (N, D), ``fields`` (N, 3 D), ``lists`` (N, 2 D)."""
     if parts == "whole":
         return embedder(list(texts))
-    if parts != "fields":
-        raise ValueError(f"psa.profile_parts must be 'whole' or 'fields', got {parts!r}")
+    if parts not in ("fields", "lists"):
+        raise ValueError(f"psa.profile_parts must be 'whole', 'fields' or 'lists', got {parts!r}")
     split = [profile_parts(t) for t in texts]
-    return np.concatenate([embedder([s[k] for s in split]) for k in range(len(MARKERS) + 1)], axis=1)
+    first = 0 if parts == "fields" else 1  # lists: the two list sentences alone, the demographics left out
+    return np.concatenate([embedder([s[k] for s in split]) for k in range(first, len(MARKERS) + 1)], axis=1)
 
 
 def masked_sum(hidden: Any, mask: Any) -> Any:

@@ -61,7 +61,7 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
         batch = data.select(idx)
         cond = {k: v.to(fam.device) for k, v in batch.cond.items()}
         out = preference_step(view, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, beta, gen,
-                              sft)
+                              sft, focus=cfg.focus)
         loss, distill = out.loss, torch.zeros(())
         if teacher is not None:  # pairs of one banned set (drawn as a pair is): one teacher adapter per step
             pool = (sets == sets[torch.randint(0, len(data), (1,), generator=gen)]).nonzero().flatten()
