@@ -122,10 +122,12 @@ def test_psa_params_are_validated() -> None:
     with pytest.raises(ParamsError, match="psa.colour: unknown key"):
         params(psa__colour=1)
     for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none"),
-                     ("captions", ["both"]), ("captions", []), ("teacher", "router"), ("teacher_weight", -1)):
+                     ("captions", ["both"]), ("captions", []), ("teacher", "router"), ("teacher_weight", -1),
+                     ("focus", 1.5), ("seed", -1), ("seed", "one")):
         with pytest.raises(ParamsError, match=f"psa.{key}"):
             params(**{f"psa__{key}": bad})
     assert params(method="psa").psa.tokens > 1  # default N > 1
+    assert params(psa__seed=3).psa.seed == 3 and params().psa.seed is None  # None: the pipeline's seed
 
 
 # ------------------------------------------------------------------------------------------------ pair rule

@@ -313,9 +313,10 @@ class Psa(Section):
     """PSA (safealign/psa): profile embeddings, the user branch, its training and the per-user evaluation."""
     embedder: str = Field("minilm", description="profile embedder (safealign.psa.EMBEDDERS)")
     embedder_path: str = Field("", description="llm: a local causal-LM folder (transformers)")
-    profile_parts: Literal["fields", "whole", "lists"] = Field("lists", description=(
-        "lists: the banned and the allowed sentence embedded apart and concatenated (the demographics left out); "
-        "fields: the demographics too; whole: the profile text in one piece (the release)"))
+    profile_parts: Literal["fields", "whole", "lists"] = Field("fields", description=(
+        "fields: the demographics, the banned and the allowed sentence embedded apart and concatenated; "
+        "lists: the two list sentences alone (the demographics left out); whole: the profile text in one piece "
+        "(the release)"))
     tokens: int = Field(8, ge=1, description="N user tokens (PSAlign's release: 1)")
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
@@ -339,6 +340,9 @@ class Psa(Section):
     captions: list[Literal["unsafe", "safe"]] = Field(["unsafe", "safe"], min_length=1, description=(
         "the captions each drawn render pair appears under (the release: both)"))
     sft_weight: float = Field(1.0, ge=0, description="supervised term on the preferred image (0 = DPO alone)")
+    seed: int | None = Field(None, ge=0, description=(
+        "the branch's seed (its pairs' draw, init and training); null = the pipeline's seed. Another value trains "
+        "another draw of the branch on the same users, renders and base model (benchmarks/psa_validation.py)"))
     focus: float = Field(0.0, ge=0, le=1, description=(
         "share of a pair's error weight where its two images differ, as train.focus (0 = uniform, the release)"))
     teacher: Literal["none", "experts"] = Field("none", description=(

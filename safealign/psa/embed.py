@@ -7,11 +7,10 @@
   (D = the model's hidden size).
 
 ``psa.profile_parts`` (``embed_profiles``): ``whole`` embeds the profile text in one piece (the release);
-``fields`` embeds its three parts apart (the demographics, the ``Banned categories:`` sentence, the
-``Allowed categories:`` sentence) and concatenates them (D x 3); ``lists`` (default) embeds the two list
-sentences alone (D x 2: the demographics, which the rules turned into the lists, are left out; validated above
-``fields``, docs/psa.md). A free-text profile is read through its two list sentences, so it should carry them.
-Measured on the default users (minilm,
+``fields`` (default) embeds its three parts apart (the demographics, the ``Banned categories:`` sentence, the
+``Allowed categories:`` sentence) and concatenates them (D x 3); ``lists`` embeds the two list sentences alone
+(D x 2: the demographics, which the rules turned into the lists, are left out; on validation users no better
+than ``fields`` over four branch seeds, docs/psa.md). Measured on the default users (minilm,
 logistic probe trained on the 64 seen users, tested on the 32 unseen): whether each category is banned is read
 back from the whole-text vector with accuracy 0.81-0.83 (one category 0.56), from the field vectors with 1.00.
 A mean-pooled vector of the whole text mixes the two lists, which name the same words.

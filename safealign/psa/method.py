@@ -70,15 +70,16 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     from safealign.training import LOSSES
 
     c = params.psa
+    psa_seed = params.seed if c.seed is None else c.seed  # the pair draw, the branch's init and its training
     seen = torch.tensor((users.split == "seen").to_numpy())
     plan = pair_plan(users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
-                     c.pairs_per_user, params.seed, c.captions)
+                     c.pairs_per_user, psa_seed, c.captions)
     data = user_pairs(plan, cache, vectors[seen])
     fam = get_family(params.model.family).from_params(params, BASE, device)
-    branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=params.seed, key_init=c.key_init,
+    branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=psa_seed, key_init=c.key_init,
                            query=c.query, null_token=c.null_token, unconditional=c.unconditional)
     branch.projection.standardise_from(vectors[seen])
-    beta, seed = c.beta or params.train.beta, params.seed * 1000 + 16
+    beta, seed = c.beta or params.train.beta, psa_seed * 1000 + 16
     teacher = sets = None
     if c.teacher == "experts":
         from safealign.psa.teacher import ExpertsTeacher, teacher_key
