@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         results[setting] = {"dim": int(vectors.shape[1]), "seconds": round(seconds, 1), "accuracy": acc,
                             "majority": majority, "mean": float(np.mean(list(acc.values()))),
                             "min": float(min(acc.values()))}
-    cats = list(next(iter(results.values()))["accuracy"])
+    first = next(iter(results.values()))
+    cats = list(first["accuracy"])
     print("\n| setting | dim | " + " | ".join(cats) + " | mean | min | embed s |")
     print("|---" * (len(cats) + 5) + "|")
-    first = next(iter(results.values()))
     print("| majority class | | " + " | ".join(f"{first['majority'][c]:.2f}" for c in cats)
           + f" | {np.mean(list(first['majority'].values())):.2f} | | |")
     for name, r in results.items():

@@ -440,7 +440,6 @@ def test_minilm_embedder_local_files() -> None:
     assert not np.allclose(out[0], out[1])
 
 
-
 def tiny_causal_lm(folder: Path) -> Any:
     """A random 2-layer Llama (hidden 16) and a word-level tokenizer, saved to ``folder`` as a user's model folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
