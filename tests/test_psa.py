@@ -166,6 +166,36 @@ def test_per_user_pairs_from_a_hand_built_table() -> None:
     assert only == [p for p in plan if p[2] == "unsafe"] and len(only) == 4
 
 
+def test_counterfactual_twins_from_a_hand_built_table() -> None:
+    from safealign.psa.pairs import twin_plan
+    from safealign.psa.train import couple_draws
+
+    users = pd.DataFrame({"banned": [["violence"], [], ["hate"]], "allowed": [["hate"], ["violence", "hate"], ["violence"]]})
+    pair_cats = [["violence"], ["hate"], ["sexual"]]
+    plan = pair_plan(users, pair_cats, CATS, per_user=3, seed=0)
+    rows, twins = twin_plan(plan, users, pair_cats, CATS, seed=0)
+    # every unsafe-caption row has a twin (each category is banned by one user and allowed by another);
+    # safe-caption rows have none (every rule prefers the safe image there)
+    assert rows == [r for r, p in enumerate(plan) if p[2] == "unsafe"] and len(rows) == 6
+    for r, (v, i, caption, side) in zip(rows, twins):
+        u, i0, caption0, side0 = plan[r]
+        assert (i, caption) == (i0, caption0) and v != u and side != side0
+        cat = pair_cats[i][0]
+        assert cat in (users.banned[v] if side == "safe" else users.allowed[v])
+    assert twin_plan(plan, users, pair_cats, CATS, seed=0) == (rows, twins)  # seeded
+    # a category nobody rules the other way has no twin
+    alone = pd.DataFrame({"banned": [["violence"], ["violence"]], "allowed": [[], []]})
+    plan = pair_plan(alone, pair_cats, CATS, per_user=3, seed=0)
+    assert plan and twin_plan(plan, alone, pair_cats, CATS, seed=0) == ([], [])
+    # a couple shares its timestep and noise; single rows draw their own
+    class View:
+        num_train_timesteps = 1000
+    d = couple_draws(View(), 2, 3, (1, 4, 4), torch.Generator().manual_seed(0))
+    assert d.t.shape == (8,) and d.noise.shape == (8, 1, 4, 4)
+    assert torch.equal(d.t[2:5], d.t[5:8]) and torch.equal(d.noise[2:5], d.noise[5:8])
+    assert not torch.equal(d.noise[0], d.noise[1])
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_pass_rates_on_hand_built_verdicts() -> None:
     cats = ("a", "b")
@@ -196,15 +226,19 @@ def test_win_rate_on_hand_built_verdicts() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the branch
-@pytest.mark.parametrize("key_init,query,null_token", [("zeros", "hidden", False), ("random", "hidden", False),
-                                                       ("random", "text", True), ("random", "prompt", True)])
-def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, query: str, null_token: bool) -> None:
+@pytest.mark.parametrize("key_init,query,null_token,gate", [("zeros", "hidden", False, False),
+                                                            ("random", "hidden", False, False),
+                                                            ("random", "text", True, False),
+                                                            ("random", "prompt", True, False),
+                                                            ("random", "hidden", True, True)])
+def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, query: str, null_token: bool,
+                                                 gate: bool) -> None:
     from safealign.psa.branch import UserFamily, attach_branch, detach_branch
 
     fam = tiny_toy
     prompts, seeds = ["a red circle", "a pink square on a gray background", "a blue cross"], [1, 2, 3]
     base = fam.render(prompts, seeds, steps=4, guidance=2.0)
-    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init, query=query, null_token=null_token)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, key_init=key_init, query=query, null_token=null_token, gate=gate)
     try:
         keys = sum(layer.to_k_user.weight.abs().sum().item() for layer in branch.layers.values())
         assert (keys == 0) == (key_init == "zeros")
@@ -223,6 +257,36 @@ def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, q
     finally:
         detach_branch(fam.unet, branch)
     assert np.array_equal(fam.render(prompts, seeds, steps=4, guidance=2.0), base)
+
+
+def test_gate_switches_a_trained_branch_off_for_a_user(tiny_toy: Any) -> None:
+    """psa.gate: a token's value is scaled by a sigmoid read from the user vector; closed gates add nothing,
+    and once the values are non-zero the gate's weights get gradient."""
+    from safealign.psa.branch import UserFamily, attach_branch, detach_branch
+
+    fam = tiny_toy
+    prompts, seeds = ["a red circle", "a pink square on a gray background"], [1, 2]
+    base = fam.render(prompts, seeds, steps=4, guidance=2.0)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, seed=1, null_token=True, gate=True)
+    try:
+        gate = branch.projection.gate
+        assert gate.weight.abs().sum() == 0 and gate.bias.abs().sum() == 0  # 0.5 for everyone at the start
+        for layer in branch.layers.values():
+            torch.nn.init.normal_(layer.to_v_user.weight, std=1.0)
+        user = UserFamily(fam, branch, torch.randn(12, generator=torch.Generator().manual_seed(3)))
+        assert not np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+        cond = user.encode_prompts(prompts)
+        x = torch.randn(2, *fam.latent_shape(), generator=torch.Generator().manual_seed(4))
+        fam.unet.requires_grad_(False)
+        branch.requires_grad_(True)
+        user.predict(x, torch.tensor([500, 500]), cond).pow(2).sum().backward()
+        assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            gate.bias.fill_(-1e4)  # sigmoid underflows to 0: every token closed
+        assert np.array_equal(user.render(prompts, seeds, steps=4, guidance=2.0), base)
+    finally:
+        branch.requires_grad_(False)
+        detach_branch(fam.unet, branch)
 
 
 @pytest.mark.parametrize("tokens,null_token", [(1, False), (4, False), (1, True)])
@@ -342,6 +406,48 @@ def test_psa_focus_weights_the_pixels_where_the_pair_differs(tiny_toy: Any, tmp_
     assert not torch.allclose(uniform, focused)
 
 
+def test_psa_contrast_trains_on_couples(tiny_toy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """psa.contrast: each step's batch holds rows of the data and, after them, their twins, a couple sharing one
+    timestep and noise; contrast 0 draws as before (no draws given to the step)."""
+    from types import SimpleNamespace
+
+    from safealign.psa import train as psa_train
+    from safealign.psa.branch import attach_branch, detach_branch
+    from safealign.training import LOSSES
+    from safealign.training.data import PairData
+
+    fam = tiny_toy
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        cond = {**fam.encode_prompts(["a red circle"] * 3), "xattn.user": torch.randn(3, 12, generator=g)}
+    x0_w, x0_l = torch.randn(3, 12, 4, 4, generator=g), torch.randn(3, 12, 4, 4, generator=g)
+    data = PairData(x0_w, x0_l, cond)
+    twin_cond = {**cond, "xattn.user": torch.randn(3, 12, generator=g)}
+    twins = (torch.tensor([0, 2]), PairData(x0_l[[0, 2]], x0_w[[0, 2]], {k: v[[0, 2]] for k, v in twin_cond.items()}))
+    calls: list[tuple[Any, ...]] = []
+    step = psa_train.preference_step
+    monkeypatch.setattr(psa_train, "preference_step",
+                        lambda *a, **k: (calls.append((a[1], a[2], a[3]["xattn.user"], k["draws"])), step(*a, **k))[1])
+    for contrast in (0.0, 1.0, 0.5):
+        cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=2, batch_size=4, sft_weight=0.0, checkpoint_every=0,
+                              focus=0.0, contrast=contrast)
+        branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
+        try:
+            psa_train.train_branch(fam, branch, data, cfg, 10.0, LOSSES.get("dpo"), 5, tmp_path / f"{contrast}.csv",
+                                   twins=twins)
+        finally:
+            detach_branch(fam.unet, branch)
+    plain, full, half = calls[:2], calls[2:4], calls[4:]
+    assert all(d is None for *_, d in plain)
+    for (xw, xl, user, d), single in [*((c, 0) for c in full), *((c, 2) for c in half)]:
+        k = (4 - single) // 2
+        assert torch.equal(d.t[single:single + k], d.t[single + k:]) and torch.equal(d.noise[single:single + k],
+                                                                                 d.noise[single + k:])
+        rows, twin = xw[single:single + k], xw[single + k:]  # each twin prefers its row's rejected image
+        assert torch.equal(xl[single:single + k], twin) and torch.equal(rows, xl[single + k:])
+        assert not torch.equal(user[single:single + k], user[single + k:])
+
+
 def attach_state_of_untrained(fam: Any) -> torch.Tensor:
     from safealign.psa.branch import attach_branch, detach_branch
 
@@ -356,16 +462,17 @@ def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
     from safealign.psa.branch import attach_branch, detach_branch, load_branch, save_branch
 
     fam = tiny_toy
-    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4, query="text", null_token=True)
+    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4, query="text", null_token=True, gate=True)
     for layer in branch.layers.values():
         torch.nn.init.normal_(layer.to_k_user.weight)
+    torch.nn.init.normal_(branch.projection.gate.weight)
     save_branch(tmp_path / "b.safetensors", branch, embedder="test")
     state = {k: v.clone() for k, v in branch.state_dict().items()}
     detach_branch(fam.unet, branch)
     loaded, meta = load_branch(tmp_path / "b.safetensors", fam.unet)
     try:
         assert meta["n_tokens"] == "3" and meta["embedder"] == "test" and loaded.scale == 0.5
-        assert loaded.query == "text" and loaded.null_token
+        assert loaded.query == "text" and loaded.null_token and loaded.projection.gate is not None
         for k, v in loaded.state_dict().items():
             assert torch.equal(v, state[k])
         with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:

@@ -326,6 +326,9 @@ class Psa(Section):
         "text attention (the branch sees what the prompt asked for); prompt = the text attention's output alone"))
     null_token: bool = Field(True, description=(
         "add a key 0 / value 0 to the user tokens: a query that matches no user key adds nothing"))
+    gate: bool = Field(False, description=(
+        "scale each user token's value by a sigmoid gate read from the user vector: a token can switch off for a "
+        "user (the LayerNorm of the tokens keeps their norm fixed); false = PSAlign's projection"))
     unconditional: Literal["zeros", "off"] = Field("off", description=(
         "the unconditional side of guidance: zeros = the branch on the zero user vector (PSAlign); off = no "
         "branch there (a zero vector means no user)"))
@@ -345,6 +348,10 @@ class Psa(Section):
         "another draw of the branch on the same users, renders and base model (benchmarks/psa_validation.py)"))
     focus: float = Field(0.0, ge=0, le=1, description=(
         "share of a pair's error weight where its two images differ, as train.focus (0 = uniform, the release)"))
+    contrast: float = Field(0.5, ge=0, le=1, description=(
+        "share of each batch given to counterfactual couples: an unsafe-caption pair beside the same images and "
+        "caption for another seen user whose rule prefers the other image, with one timestep and noise "
+        "(0 = pairs drawn independently, the release)"))
     teacher: Literal["none", "experts"] = Field("none", description=(
         "experts: a teacher term, the branch matches its user's merge of the experts of the categories they ban "
         "(safealign/psa/teacher.py); none: the preference loss alone"))

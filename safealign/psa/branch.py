@@ -34,11 +34,16 @@ USER_KEY = "user"  # the condition key is "xattn.user"
 class UserProjection(nn.Module):
     """User vector (B, D) -> N user tokens (B, N, cross_dim): Linear + LayerNorm (PSAlign's projection)."""
 
-    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int) -> None:
+    def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, gate: bool = False) -> None:
         super().__init__()
         self.n_tokens, self.cross_dim = n_tokens, cross_dim
         self.proj = nn.Linear(embed_dim, n_tokens * cross_dim)
         self.norm = nn.LayerNorm(cross_dim)
+        # psa.gate: one sigmoid per token read from the user vector, scaling that token's value (0.5 at the start)
+        self.gate = nn.Linear(embed_dim, n_tokens) if gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         # fixed standardisation of the user vector (the training users' mean and std; identity until set):
         # sentence embeddings of similar profile texts differ little, so raw differences give small gradients
         self.register_buffer("center", torch.zeros(embed_dim))
@@ -52,6 +57,12 @@ class UserProjection(nn.Module):
     def forward(self, user: torch.Tensor) -> torch.Tensor:
         z = (user - self.center) / self.spread
         return self.norm(self.proj(z).view(user.shape[0], self.n_tokens, self.cross_dim))
+
+    def gates(self, user: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, 1) value gates in (0, 1), or None without ``psa.gate``."""
+        if self.gate is None:
+            return None
+        return torch.sigmoid(self.gate((user - self.center) / self.spread)).unsqueeze(-1)
 
 
 class UserAttnProcessor(nn.Module):
@@ -85,6 +96,9 @@ class UserAttnProcessor(nn.Module):
         q = attn.to_q(hidden_states + out if branch.query == "text" else out if branch.query == "prompt"
                       else hidden_states)
         k, v = self.to_k_user(tokens), self.to_v_user(tokens)
+        gates = branch.projection.gates(user.to(hidden_states.dtype))
+        if gates is not None:  # psa.gate: a token's value scaled by its gate (0 = the token adds nothing)
+            v = v * gates
         heads = attn.heads
         hd = k.shape[-1] // heads
         if branch.null_token:  # a key of 0 with a value of 0: a query that matches no user key attends to nothing
@@ -107,15 +121,16 @@ class UserBranch(nn.Module):
     """The trainable parts: the projection and each cross-attention layer's user key/value."""
 
     def __init__(self, embed_dim: int, cross_dim: int, n_tokens: int, scale: float, key_init: str = "zeros",
-                 query: str = "hidden", null_token: bool = False, unconditional: str = "zeros") -> None:
+                 query: str = "hidden", null_token: bool = False, unconditional: str = "zeros",
+                 gate: bool = False) -> None:
         super().__init__()
         if unconditional not in ("zeros", "off"):
             raise ValueError(f"the user branch's unconditional side must be 'zeros' or 'off', got {unconditional!r}")
         if query not in ("hidden", "text", "prompt"):
             raise ValueError(f"the user branch's query must be 'hidden', 'text' or 'prompt', got {query!r}")
         self.embed_dim, self.n_tokens, self.scale, self.key_init = embed_dim, n_tokens, scale, key_init
-        self.query, self.null_token, self.unconditional = query, null_token, unconditional
-        self.projection = UserProjection(embed_dim, cross_dim, n_tokens)
+        self.query, self.null_token, self.unconditional, self.gate = query, null_token, unconditional, gate
+        self.projection = UserProjection(embed_dim, cross_dim, n_tokens, gate)
         self.layers = nn.ModuleDict()
         self.enabled = True
         self._old: dict[str, Any] | None = None
@@ -137,15 +152,16 @@ class UserBranch(nn.Module):
 
 def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: int = 0,
                   key_init: str = "zeros", query: str = "hidden", null_token: bool = False,
-                  unconditional: str = "zeros") -> UserBranch:
+                  unconditional: str = "zeros", gate: bool = False) -> UserBranch:
     """Install a user branch on every cross-attention layer of ``unet`` (a diffusers UNet): ``to_v_user`` zero,
     ``to_k_user`` zero (``key_init="zeros"``, PSAlign) or nn.Linear's random init (``"random"``: the keys tell
-    queries apart from the first step). The random inits come from ``seed``."""
+    queries apart from the first step). ``gate``: a sigmoid gate per token on its value (``psa.gate``). The
+    random inits come from ``seed``."""
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
         branch = UserBranch(embed_dim, unet.config.cross_attention_dim, n_tokens, scale, key_init, query,
-                            null_token, unconditional)
+                            null_token, unconditional, gate)
         old = unet.attn_processors
         procs = {}
         modules = dict(unet.named_modules())
@@ -173,7 +189,7 @@ def save_branch(path: Path, branch: UserBranch, **meta: str) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in branch.state_dict().items()}
     info = {"embed_dim": str(branch.embed_dim), "n_tokens": str(branch.n_tokens), "scale": repr(branch.scale),
             "key_init": branch.key_init, "query": branch.query, "null_token": str(branch.null_token).lower(),
-            "unconditional": branch.unconditional,
+            "unconditional": branch.unconditional, "gate": str(branch.gate).lower(),
             "layers": json.dumps(sorted(branch.layers)), **meta}
     with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(safetensors_bytes(tensors, info))
@@ -190,7 +206,7 @@ def load_branch(path: Path, unet: Any) -> tuple[UserBranch, dict[str, str]]:
         meta = dict(f.metadata())
     branch = attach_branch(unet, int(meta["embed_dim"]), int(meta["n_tokens"]), float(meta["scale"]),
                            query=meta.get("query", "hidden"), null_token=meta.get("null_token") == "true",
-                           unconditional=meta.get("unconditional", "zeros"))
+                           unconditional=meta.get("unconditional", "zeros"), gate=meta.get("gate") == "true")
     if sorted(branch.layers) != json.loads(meta["layers"]):
         detach_branch(unet, branch)
         raise ValueError(f"{path}: the branch was trained for other cross-attention layers than this model's")

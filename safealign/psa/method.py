@@ -22,7 +22,7 @@ from safealign.core.io import atomic_path, read_table, safetensors_bytes
 from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
 from safealign.families import get_family
 from safealign.psa.branch import UserFamily, attach_branch, load_branch, save_branch
-from safealign.psa.pairs import pair_plan, user_pairs
+from safealign.psa.pairs import pair_plan, twin_plan, user_pairs
 from safealign.psa.train import train_branch
 from safealign.psa.users import USER_COLUMNS
 
@@ -75,9 +75,15 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     plan = pair_plan(users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
                      c.pairs_per_user, psa_seed, c.captions)
     data = user_pairs(plan, cache, vectors[seen])
+    twins = None
+    if c.contrast > 0:  # counterfactual couples: the same images and caption for a user ruled the other way
+        rows, twin = twin_plan(plan, users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
+                               psa_seed)
+        twins = (torch.tensor(rows), user_pairs(twin, cache, vectors[seen])) if rows else None
     fam = get_family(params.model.family).from_params(params, BASE, device)
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=psa_seed, key_init=c.key_init,
-                           query=c.query, null_token=c.null_token, unconditional=c.unconditional)
+                           query=c.query, null_token=c.null_token, unconditional=c.unconditional,
+                           gate=c.gate)
     branch.projection.standardise_from(vectors[seen])
     beta, seed = c.beta or params.train.beta, psa_seed * 1000 + 16
     teacher = sets = None
@@ -94,7 +100,7 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
                        files_key([RENDER / "cache.safetensors", *base_files()]),
                        teacher_key(params) if teacher is not None else "")
     summary = train_branch(fam, branch, data, c, beta, LOSSES.get(c.loss), seed, log_csv,
-                           checkpoints=checkpoints, key=key, teacher=teacher, sets=sets)
+                           checkpoints=checkpoints, key=key, teacher=teacher, sets=sets, twins=twins)
     return fam, branch, plan, data, summary
 
 

@@ -68,3 +68,23 @@ def user_pairs(plan: Sequence[tuple[int, int, str, str]], cache: dict[str, torch
         cond[key] = torch.where(safe_caption.view(-1, *[1] * (a.dim() - 1)), b, a)
     cond["xattn." + USER_KEY] = user_vectors[u].float()
     return PairData(torch.where(safe_preferred, img_s, img_u), torch.where(safe_preferred, img_u, img_s), cond)
+
+
+def twin_plan(plan: Sequence[tuple[int, int, str, str]], users: Any, pair_categories: Sequence[Sequence[str]],
+              categories: Sequence[str], seed: int) -> tuple[list[int], list[tuple[int, int, str, str]]]:
+    """Counterfactual twins (``psa.contrast``): for each unsafe-caption row of ``plan`` whose category some other
+    user rules the other way (banned against allowed), the same render pair and caption for one such user, drawn
+    from a generator seeded by the seed and the row. Returns (rows of ``plan`` that have a twin, their twins)."""
+    first = [next((c for c in cats if c in categories), None) for cats in pair_categories]
+    banned, allowed = [set(b) for b in users.banned], [set(a) for a in users.allowed]
+    rows, twins = [], []
+    for r, (u, i, caption, side) in enumerate(plan):
+        if caption != "unsafe":  # under the safe caption every rule prefers the safe image: no opposite
+            continue
+        c = first[i]
+        other = [v for v in range(len(banned)) if v != u and c in (allowed[v] if side == "safe" else banned[v])]
+        if other:
+            v = other[int(np.random.default_rng([seed, 17, r]).integers(len(other)))]
+            rows.append(r)
+            twins.append((v, i, caption, "unsafe" if side == "safe" else "safe"))
+    return rows, twins

@@ -20,7 +20,7 @@ from safealign.psa.branch import UserBranch, UserFamily
 from safealign.training.checkpoints import load_checkpoint, save_checkpoint, summarize_log, truncate_log
 from safealign.training.data import PairData
 from safealign.training.losses import LossFn
-from safealign.training.step import preference_step
+from safealign.training.step import StepDraws, preference_step
 from safealign.training.terms import TERMS, ActiveTerm
 
 LOG_COLUMNS = ("step", "loss", "accuracy", "margin", "err_w", "err_l", "sft", "teacher")
@@ -37,14 +37,34 @@ def teacher_term(view: Any, teacher: Any, x0: torch.Tensor, cond: dict[str, torc
     return (view.predict(x_t, t, cond).float() - target.float()).pow(2).mean()
 
 
+def concat_pairs(parts: list[PairData]) -> PairData:
+    """Pairs of several ``PairData`` in order (no costs)."""
+    from safealign.families.base import cond_cat
+
+    return PairData(torch.cat([p.x0_w for p in parts]), torch.cat([p.x0_l for p in parts]),
+                    cond_cat([p.cond for p in parts]))
+
+
+def couple_draws(view: Any, single: int, couples: int, shape: Any, gen: torch.Generator) -> StepDraws:
+    """Timesteps and noise for ``single`` independent pairs, then ``couples`` rows and their twins (in that order):
+    a twin shares its row's timestep and noise."""
+    t = torch.randint(0, view.num_train_timesteps, (single + couples,), generator=gen)
+    noise = torch.randn((single + couples, *shape), generator=gen)
+    return StepDraws(torch.cat([t, t[single:]]), torch.cat([noise, noise[single:]]))
+
+
 def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: float, loss_fn: LossFn, seed: int,
                  log_csv: Path, desc: str = "psa", checkpoints: Path | None = None, key: str = "",
-                 teacher: Any = None, sets: torch.Tensor | None = None) -> dict[str, float]:
+                 teacher: Any = None, sets: torch.Tensor | None = None,
+                 twins: tuple[torch.Tensor, PairData] | None = None) -> dict[str, float]:
     """Train ``branch`` (attached to ``fam``'s denoiser) on ``data`` (its cond carries ``xattn.user``) with the
     settings of ``cfg`` (params.psa). ``checkpoints``: the folder to checkpoint into and resume from (``key``
     identifies the run); None: neither. ``teacher`` (``psa.teacher``, ``teacher.py``) and ``sets`` (each pair's
     banned-set index): the teacher term, weight ``cfg.teacher_weight``, on both images of ``cfg.batch_size`` pairs
     of one banned set per step (the set drawn as a pair is, so sets weigh as their pairs do).
+    ``twins`` (``psa.contrast``; ``pairs.twin_plan``): the rows of ``data`` that have a counterfactual twin and
+    the twins' data, aligned; a share ``cfg.contrast`` of each batch is then couples (a row and its twin) that
+    share one timestep and noise, so what the two users' opposite preferences have in common cancels.
     Returns the mean loss, accuracy and margin of the last 20 logged steps."""
     fam.unet.requires_grad_(False)
     branch.requires_grad_(True)
@@ -57,11 +77,17 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
         poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-        batch = data.select(idx)
+        couples = 0 if twins is None else min(cfg.batch_size // 2, round(cfg.contrast * cfg.batch_size / 2))
+        idx = torch.randint(0, len(data), (cfg.batch_size - 2 * couples,), generator=gen)
+        batch, draws = data.select(idx), None
+        if couples:
+            rows, twin_data = twins
+            a = torch.randint(0, len(rows), (couples,), generator=gen)
+            batch = concat_pairs([batch, data.select(rows[a]), twin_data.select(a)])
+            draws = couple_draws(view, len(idx), couples, batch.x0_w.shape[1:], gen)
         cond = {k: v.to(fam.device) for k, v in batch.cond.items()}
         out = preference_step(view, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, beta, gen,
-                              sft, focus=cfg.focus)
+                              sft, focus=cfg.focus, draws=draws)
         loss, distill = out.loss, torch.zeros(())
         if teacher is not None:  # pairs of one banned set (drawn as a pair is): one teacher adapter per step
             pool = (sets == sets[torch.randint(0, len(data), (1,), generator=gen)]).nonzero().flatten()
