@@ -15,8 +15,8 @@ from conftest import run_inline, run_stage
 
 from safealign.core.errors import UserError
 from safealign.evaluation.metrics import match_share
-from safealign.sc_dpo.clean import concat_pairs, mix_count, mix_rows, preference_pairs
-from safealign.training.data import PairData
+from safealign.sc_dpo.clean import mix_count, mix_rows, preference_pairs
+from safealign.training.data import PairData, concat_pairs
 
 
 def test_preference_pairs_drop_ties_and_prefer_the_higher_score() -> None:

@@ -54,15 +54,17 @@ class UserProjection(nn.Module):
         self.center.copy_(vectors.mean(0))
         self.spread.copy_(vectors.std(0).clamp_min(1e-6) if len(vectors) > 1 else torch.ones_like(self.spread))
 
+    def standardised(self, user: torch.Tensor) -> torch.Tensor:
+        return (user - self.center) / self.spread
+
     def forward(self, user: torch.Tensor) -> torch.Tensor:
-        z = (user - self.center) / self.spread
-        return self.norm(self.proj(z).view(user.shape[0], self.n_tokens, self.cross_dim))
+        return self.norm(self.proj(self.standardised(user)).view(user.shape[0], self.n_tokens, self.cross_dim))
 
     def gates(self, user: torch.Tensor) -> torch.Tensor | None:
         """(B, N, 1) value gates in (0, 1), or None without ``psa.gate``."""
         if self.gate is None:
             return None
-        return torch.sigmoid(self.gate((user - self.center) / self.spread)).unsqueeze(-1)
+        return torch.sigmoid(self.gate(self.standardised(user))).unsqueeze(-1)
 
 
 class UserAttnProcessor(nn.Module):

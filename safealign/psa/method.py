@@ -72,13 +72,12 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     c = params.psa
     psa_seed = params.seed if c.seed is None else c.seed  # the pair draw, the branch's init and its training
     seen = torch.tensor((users.split == "seen").to_numpy())
-    plan = pair_plan(users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
-                     c.pairs_per_user, psa_seed, c.captions)
+    seen_users = users[seen.numpy()].reset_index(drop=True)
+    plan = pair_plan(seen_users, pair_categories, params.categories, c.pairs_per_user, psa_seed, c.captions)
     data = user_pairs(plan, cache, vectors[seen])
     twins = None
     if c.contrast > 0:  # counterfactual couples: the same images and caption for a user ruled the other way
-        rows, twin = twin_plan(plan, users[seen.numpy()].reset_index(drop=True), pair_categories, params.categories,
-                               psa_seed)
+        rows, twin = twin_plan(plan, seen_users, pair_categories, params.categories, psa_seed)
         twins = (torch.tensor(rows), user_pairs(twin, cache, vectors[seen])) if rows else None
     fam = get_family(params.model.family).from_params(params, BASE, device)
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=psa_seed, key_init=c.key_init,
@@ -90,7 +89,6 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     if c.teacher == "experts":
         from safealign.psa.teacher import ExpertsTeacher, teacher_key
 
-        seen_users = users[seen.numpy()].reset_index(drop=True)
         teacher = ExpertsTeacher(params, list(seen_users.banned), device)
         sets = torch.tensor([teacher.index(seen_users.banned[p[0]], params.categories) for p in plan])
     key = ""

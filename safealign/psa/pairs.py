@@ -31,12 +31,17 @@ def preferred_side(category: str, banned: Sequence[str], allowed: Sequence[str],
     return None
 
 
+def first_categories(pair_categories: Sequence[Sequence[str]], categories: Sequence[str]) -> list[str | None]:
+    """The category each render pair counts under: its first one in ``categories`` (None: none of them)."""
+    return [next((c for c in cats if c in categories), None) for cats in pair_categories]
+
+
 def pair_plan(users: Any, pair_categories: Sequence[Sequence[str]], categories: Sequence[str], per_user: int,
               seed: int, captions: Sequence[str] = ("unsafe", "safe")) -> list[tuple[int, int, str, str]]:
     """(user row, render pair row, caption, preferred side) for every per-user pair. ``users``: the users table
     (rows in order); ``pair_categories``: each render pair's categories; a pair counts under its first category
     in ``categories``; ``captions``: under which captions each drawn pair appears (both: the release)."""
-    first = [next((c for c in cats if c in categories), None) for cats in pair_categories]
+    first = first_categories(pair_categories, categories)
     eligible = [i for i, c in enumerate(first) if c is not None]
     plan = []
     for u, (banned, allowed) in enumerate(zip(users.banned, users.allowed)):
@@ -75,14 +80,14 @@ def twin_plan(plan: Sequence[tuple[int, int, str, str]], users: Any, pair_catego
     """Counterfactual twins (``psa.contrast``): for each unsafe-caption row of ``plan`` whose category some other
     user rules the other way (banned against allowed), the same render pair and caption for one such user, drawn
     from a generator seeded by the seed and the row. Returns (rows of ``plan`` that have a twin, their twins)."""
-    first = [next((c for c in cats if c in categories), None) for cats in pair_categories]
-    banned, allowed = [set(b) for b in users.banned], [set(a) for a in users.allowed]
+    first = first_categories(pair_categories, categories)
+    rules = [(list(b), list(a)) for b, a in zip(users.banned, users.allowed)]
     rows, twins = [], []
     for r, (u, i, caption, side) in enumerate(plan):
         if caption != "unsafe":  # under the safe caption every rule prefers the safe image: no opposite
             continue
-        c = first[i]
-        other = [v for v in range(len(banned)) if v != u and c in (allowed[v] if side == "safe" else banned[v])]
+        other = [v for v, (b, a) in enumerate(rules)
+                 if v != u and preferred_side(first[i], b, a, caption) not in (side, None)]
         if other:
             v = other[int(np.random.default_rng([seed, 17, r]).integers(len(other)))]
             rows.append(r)

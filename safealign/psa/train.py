@@ -18,7 +18,7 @@ from safealign.core.io import write_csv_row
 from safealign.core.runtime import poll_threads
 from safealign.psa.branch import UserBranch, UserFamily
 from safealign.training.checkpoints import load_checkpoint, save_checkpoint, summarize_log, truncate_log
-from safealign.training.data import PairData
+from safealign.training.data import PairData, concat_pairs
 from safealign.training.losses import LossFn
 from safealign.training.step import StepDraws, preference_step
 from safealign.training.terms import TERMS, ActiveTerm
@@ -35,14 +35,6 @@ def teacher_term(view: Any, teacher: Any, x0: torch.Tensor, cond: dict[str, torc
     x_t = view.add_noise(x0, noise, t)
     target = teacher.predict(x_t, t, cond, sets)
     return (view.predict(x_t, t, cond).float() - target.float()).pow(2).mean()
-
-
-def concat_pairs(parts: list[PairData]) -> PairData:
-    """Pairs of several ``PairData`` in order (no costs)."""
-    from safealign.families.base import cond_cat
-
-    return PairData(torch.cat([p.x0_w for p in parts]), torch.cat([p.x0_l for p in parts]),
-                    cond_cat([p.cond for p in parts]))
 
 
 def couple_draws(view: Any, single: int, couples: int, shape: Any, gen: torch.Generator) -> StepDraws:
@@ -74,16 +66,16 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
     sft = [ActiveTerm(t, cfg.sft_weight) for t in TERMS if t.name == "sft" and cfg.sft_weight > 0]
     start = 0 if checkpoints is None else load_checkpoint(checkpoints, key, branch.load_state_dict, opt, gen, log_csv)
     truncate_log(log_csv, start)
+    couples = 0 if twins is None else min(cfg.batch_size // 2, round(cfg.contrast * cfg.batch_size / 2))
+    rows, twin_data = twins if couples else (None, None)
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
         poll_threads()  # runtime.threads: auto follows the load (safealign/core/runtime.py)
-        couples = 0 if twins is None else min(cfg.batch_size // 2, round(cfg.contrast * cfg.batch_size / 2))
         idx = torch.randint(0, len(data), (cfg.batch_size - 2 * couples,), generator=gen)
         batch, draws = data.select(idx), None
         if couples:
-            rows, twin_data = twins
             a = torch.randint(0, len(rows), (couples,), generator=gen)
-            batch = concat_pairs([batch, data.select(rows[a]), twin_data.select(a)])
+            batch = concat_pairs(batch, data.select(rows[a]), twin_data.select(a))
             draws = couple_draws(view, len(idx), couples, batch.x0_w.shape[1:], gen)
         cond = {k: v.to(fam.device) for k, v in batch.cond.items()}
         out = preference_step(view, batch.x0_w.to(fam.device), batch.x0_l.to(fam.device), cond, loss_fn, beta, gen,

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from safealign.core.errors import UserError
 from safealign.core.io import read_table
@@ -59,16 +58,6 @@ def mix_rows(n_harmful: int, n_clean: int, share: float, seed: int) -> np.ndarra
                         "tied); raise sc_dpo.clean_prompts or set clean_share: 0")
     perm = np.random.default_rng(seed).permutation(n_clean)
     return np.tile(perm, -(-k // n_clean))[:k]
-
-
-def concat_pairs(a: PairData, b: PairData) -> PairData:
-    """Rows of ``a`` then rows of ``b`` (conditions with the same keys; costs kept only if both carry them)."""
-    if set(a.cond) != set(b.cond):
-        raise ValueError(f"pair conditions differ: {sorted(a.cond)} vs {sorted(b.cond)}")
-    cat = lambda x, y: None if x is None or y is None else torch.cat([x, y])
-    return PairData(torch.cat([a.x0_w, b.x0_w]), torch.cat([a.x0_l, b.x0_l]),
-                    {k: torch.cat([a.cond[k], b.cond[k]]) for k in a.cond}, cat(a.cost_w, b.cost_w),
-                    cat(a.cost_l, b.cost_l))
 
 
 def read_clean(folder: Path = CLEAN) -> tuple[pd.DataFrame, PairData | None]:

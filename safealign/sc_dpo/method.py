@@ -32,10 +32,10 @@ from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
 from safealign.families import get_family
 from safealign.families.lora import save_lora
 from safealign.sc_dpo import CLEAN, COST
-from safealign.sc_dpo.clean import concat_pairs, mix_rows, read_clean
+from safealign.sc_dpo.clean import mix_rows, read_clean
 from safealign.sc_dpo.costmodel import HEAD, load_cost_model, read_render_pairs
 from safealign.sc_dpo.loss import sc_dpo_loss
-from safealign.training.data import ROW_SOURCES, PairData, load_pairs, pair_rows, read_cache
+from safealign.training.data import ROW_SOURCES, PairData, concat_pairs, load_pairs, pair_rows, read_cache
 from safealign.training.loop import train_expert
 from safealign.training.terms import active_terms
 

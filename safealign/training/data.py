@@ -41,6 +41,17 @@ class PairData:
                         pick(self.cost_l))
 
 
+def concat_pairs(*parts: PairData) -> PairData:
+    """The rows of each part in order (conditions with the same keys; costs kept only if every part carries them)."""
+    for p in parts[1:]:
+        if set(p.cond) != set(parts[0].cond):
+            raise ValueError(f"pair conditions differ: {sorted(parts[0].cond)} vs {sorted(p.cond)}")
+    cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)
+    return PairData(torch.cat([p.x0_w for p in parts]), torch.cat([p.x0_l for p in parts]),
+                    {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond}, cat([p.cost_w for p in parts]),
+                    cat([p.cost_l for p in parts]))
+
+
 @dataclasses.dataclass
 class AnchorData:
     """Cached anchor rows for the anchor term: model-space images and their prompts' conditions."""
