@@ -166,6 +166,20 @@ def test_per_user_pairs_from_a_hand_built_table() -> None:
     assert only == [p for p in plan if p[2] == "unsafe"] and len(only) == 4
 
 
+def test_teacher_of_each_pair_from_a_hand_built_table() -> None:
+    """psa.teacher: experts teaches a pair its user's whole banned set; category teaches it the pair's own
+    category's expert where the user bans it and the base model ([]) where the user allows it."""
+    from safealign.psa.teacher import row_ban_sets
+
+    banned = [["violence", "hate"], []]
+    first = ["violence", "hate", "sexual"]
+    plan = [(0, 0, "unsafe", "safe"), (0, 1, "safe", "safe"), (0, 2, "unsafe", "unsafe"), (1, 0, "unsafe", "unsafe")]
+    assert row_ban_sets("experts", plan, banned, first) == [["violence", "hate"]] * 3 + [[]]
+    assert row_ban_sets("category", plan, banned, first) == [["violence"], ["hate"], [], []]
+    with pytest.raises(ValueError, match="psa.teacher"):
+        row_ban_sets("none", plan, banned, first)
+
+
 def test_counterfactual_twins_from_a_hand_built_table() -> None:
     from safealign.psa.pairs import twin_plan
     from safealign.psa.train import couple_draws
@@ -230,6 +244,7 @@ def test_win_rate_on_hand_built_verdicts() -> None:
                                                             ("random", "hidden", False, False),
                                                             ("random", "text", True, False),
                                                             ("random", "prompt", True, False),
+                                                            ("random", "tokens", True, False),
                                                             ("random", "hidden", True, True)])
 def test_untrained_branch_renders_byte_identical(tiny_toy: Any, key_init: str, query: str, null_token: bool,
                                                  gate: bool) -> None:
@@ -289,14 +304,38 @@ def test_gate_switches_a_trained_branch_off_for_a_user(tiny_toy: Any) -> None:
         detach_branch(fam.unet, branch)
 
 
+def test_tokens_query_edits_the_prompt_states(tiny_toy: Any) -> None:
+    """psa.query: tokens: each prompt token's state gets scale * Attn(to_k(e), K_user, V_user) added before the
+    layer's text attention; with one user token and no null key the softmax is 1, so every token gets the same
+    value to_v_user(T), computed here by hand; the zero vector (unconditional side, off) edits nothing."""
+    from safealign.psa.branch import attach_branch, detach_branch
+
+    fam = tiny_toy
+    branch = attach_branch(fam.unet, 12, 1, 0.5, query="tokens", null_token=False)
+    try:
+        g = torch.Generator().manual_seed(3)
+        name, layer = next(iter(branch.layers.items()))
+        attn = dict(fam.unet.named_modules())[name.replace("__", ".").removesuffix(".processor")]
+        layer.to_v_user.weight.data = torch.randn(layer.to_v_user.weight.shape, generator=g)
+        e = torch.randn(2, 5, attn.cross_attention_dim, generator=g)
+        z = torch.randn(2, 12, generator=g)
+        want = e + 0.5 * layer.to_v_user(branch.projection(z)).expand(-1, 5, -1)  # (2, 1, d) on every token
+        assert torch.allclose(layer._edit_tokens(attn, branch, e, z), want, atol=1e-6)
+        branch.unconditional = "off"
+        assert torch.equal(layer._edit_tokens(attn, branch, e, torch.zeros(2, 12)), e)
+    finally:
+        detach_branch(fam.unet, branch)
+
+
+@pytest.mark.parametrize("query", ["hidden", "tokens"])
 @pytest.mark.parametrize("tokens,null_token", [(1, False), (4, False), (1, True)])
-def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int, null_token: bool) -> None:
+def test_user_key_gradient_is_zero_with_one_token(tiny_toy: Any, tokens: int, null_token: bool, query: str) -> None:
     """The release's single token: softmax over one key is 1, so to_k_user gets no gradient. With more tokens,
     or one token beside the null token (key 0, value 0), the keys learn."""
     from safealign.psa.branch import attach_branch, detach_branch
 
     fam = tiny_toy
-    branch = attach_branch(fam.unet, 12, tokens, 1.0, null_token=null_token)
+    branch = attach_branch(fam.unet, 12, tokens, 1.0, null_token=null_token, query=query)
     try:
         g = torch.Generator().manual_seed(0)
         for layer in branch.layers.values():  # off zero: with V = 0 no key gets a gradient, whatever N
@@ -446,6 +485,23 @@ def test_psa_contrast_trains_on_couples(tiny_toy: Any, tmp_path: Path, monkeypat
         rows, twin = xw[single:single + k], xw[single + k:]  # each twin prefers its row's rejected image
         assert torch.equal(xl[single:single + k], twin) and torch.equal(rows, xl[single + k:])
         assert not torch.equal(user[single:single + k], user[single + k:])
+    # with a teacher beside the couples (the teacher's rows are drawn apart and must not replace the twins' rows)
+    taught: list[torch.Tensor] = []
+    teacher = SimpleNamespace(predict=lambda x_t, t, c, sets: (taught.append(sets), torch.zeros_like(x_t))[1])
+    cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=3, batch_size=4, sft_weight=0.0, checkpoint_every=0,
+                          focus=0.0, contrast=0.5, teacher_weight=1.0)
+    branch = attach_branch(fam.unet, 12, 3, 1.0, seed=1, null_token=True)
+    try:
+        before = len(calls)
+        psa_train.train_branch(fam, branch, data, cfg, 10.0, LOSSES.get("dpo"), 5, tmp_path / "t.csv",
+                               teacher=teacher, sets=torch.tensor([0, 1, 0]), twins=twins)
+    finally:
+        detach_branch(fam.unet, branch)
+    logged = pd.read_csv(tmp_path / "t.csv")
+    assert len(calls) - before == 3 and len(taught) == 3 and (logged.teacher > 0).all()
+    assert all(len(x.unique()) == 1 for x in taught)  # one banned set a step
+    for xw, xl, _, d in calls[before:]:  # every step still ends with two rows and their twins
+        assert torch.equal(xl[2:3], xw[3:]) and torch.equal(d.t[2:3], d.t[3:])
 
 
 def attach_state_of_untrained(fam: Any) -> torch.Tensor:
@@ -456,15 +512,17 @@ def attach_state_of_untrained(fam: Any) -> torch.Tensor:
     return branch.state_dict()["projection.proj.weight"].clone()
 
 
-def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("query", ["text", "tokens"])
+def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path, query: str) -> None:
     from safetensors import safe_open
 
     from safealign.psa.branch import attach_branch, detach_branch, load_branch, save_branch
 
     fam = tiny_toy
-    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4, query="text", null_token=True, gate=True)
+    branch = attach_branch(fam.unet, 12, 3, 0.5, seed=4, query=query, null_token=True, gate=True)
     for layer in branch.layers.values():
         torch.nn.init.normal_(layer.to_k_user.weight)
+        torch.nn.init.normal_(layer.to_v_user.weight)
     torch.nn.init.normal_(branch.projection.gate.weight)
     save_branch(tmp_path / "b.safetensors", branch, embedder="test")
     state = {k: v.clone() for k, v in branch.state_dict().items()}
@@ -472,7 +530,7 @@ def test_branch_saves_and_loads(tiny_toy: Any, tmp_path: Path) -> None:
     loaded, meta = load_branch(tmp_path / "b.safetensors", fam.unet)
     try:
         assert meta["n_tokens"] == "3" and meta["embedder"] == "test" and loaded.scale == 0.5
-        assert loaded.query == "text" and loaded.null_token and loaded.projection.gate is not None
+        assert loaded.query == query and loaded.null_token and loaded.projection.gate is not None
         for k, v in loaded.state_dict().items():
             assert torch.equal(v, state[k])
         with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:

@@ -321,9 +321,11 @@ class Psa(Section):
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
         "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
-    query: Literal["hidden", "text", "prompt"] = Field("hidden", description=(
+    query: Literal["hidden", "text", "prompt", "tokens"] = Field("tokens", description=(
         "the user branch's queries: hidden = the text attention's (PSAlign); text = the hidden states after the "
-        "text attention (the branch sees what the prompt asked for); prompt = the text attention's output alone"))
+        "text attention (the branch sees what the prompt asked for); prompt = the text attention's output alone; "
+        "tokens = the prompt's tokens (their text keys): the branch edits each token's state before the text "
+        "attention, so a user changes what a word means"))
     null_token: bool = Field(True, description=(
         "add a key 0 / value 0 to the user tokens: a query that matches no user key adds nothing"))
     gate: bool = Field(False, description=(
@@ -352,10 +354,11 @@ class Psa(Section):
         "share of each batch given to counterfactual couples: an unsafe-caption pair beside the same images and "
         "caption for another seen user whose rule prefers the other image, with one timestep and noise "
         "(0 = pairs drawn independently, the release)"))
-    teacher: Literal["none", "experts"] = Field("none", description=(
+    teacher: Literal["none", "experts", "category"] = Field("category", description=(
         "experts: a teacher term, the branch matches its user's merge of the experts of the categories they ban "
-        "(safealign/psa/teacher.py); none: the preference loss alone"))
-    teacher_weight: float = Field(1.0, ge=0, description="weight of the teacher term (psa.teacher: experts)")
+        "(safealign/psa/teacher.py); category: it matches the expert of the pair's own category where the user "
+        "bans it and the base model where they allow it; none: the preference loss alone"))
+    teacher_weight: float = Field(10.0, ge=0, description="weight of the teacher term (psa.teacher)")
     judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
     judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="vlm judge settings")

@@ -74,8 +74,10 @@ class UserAttnProcessor(nn.Module):
         super().__init__()
         self.base = base
         self._branch = [branch]  # a list, so the shared branch is not registered once per layer
+        # query "tokens": the values edit the prompt's token states (cross_dim), not the attention output
+        v_out = kv_in if branch is not None and branch.query == "tokens" else kv_out
         self.to_k_user = nn.Linear(kv_in, kv_out, bias=False) if branch is not None else None
-        self.to_v_user = nn.Linear(kv_in, kv_out, bias=False) if branch is not None else None
+        self.to_v_user = nn.Linear(kv_in, v_out, bias=False) if branch is not None else None
         if branch is not None:
             nn.init.zeros_(self.to_v_user.weight)  # V = 0: the branch adds exactly 0, whatever the keys
             if branch.key_init == "zeros":  # PSAlign's; then to_k_user's first gradients are 0 too
@@ -84,10 +86,13 @@ class UserAttnProcessor(nn.Module):
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  user: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         branch = self._branch[0]
         if user is None or branch is None or not branch.enabled:
-            return out
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if branch.query == "tokens":
+            encoder_hidden_states = self._edit_tokens(attn, branch, encoder_hidden_states, user)
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
             raise ValueError("the user branch supports transformer-block cross-attention (3-d hidden states)")
         b = hidden_states.shape[0]
@@ -119,6 +124,26 @@ class UserAttnProcessor(nn.Module):
         return out + branch.scale * u / attn.rescale_output_factor
 
 
+    def _edit_tokens(self, attn: Any, branch: UserBranch, states: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """``psa.query: tokens``: each prompt token attends to the user tokens (its query: the layer's own text key
+        ``to_k(e)``; single head) and the result is added to the token's state before the layer's text attention:
+        ``e' = e + scale * Attn(to_k(e), to_k_user(T), to_v_user(T))``, so a user can change what a word means to
+        this layer (as UCE edits a concept word's keys and values, but per user). ``to_v_user`` = 0: ``e' = e``."""
+        b = states.shape[0]
+        tokens = branch.projection(user.to(states.dtype))
+        q = attn.to_k(states)
+        k, v = self.to_k_user(tokens), self.to_v_user(tokens)
+        gates = branch.projection.gates(user.to(states.dtype))
+        if gates is not None:
+            v = v * gates
+        if branch.null_token:
+            k, v = torch.cat([k, k.new_zeros(b, 1, k.shape[-1])], 1), torch.cat([v, v.new_zeros(b, 1, v.shape[-1])], 1)
+        d = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        if branch.unconditional == "off":
+            d = d * (user != 0).any(-1).to(d.dtype).view(b, 1, 1)
+        return states + branch.scale * d
+
+
 class UserBranch(nn.Module):
     """The trainable parts: the projection and each cross-attention layer's user key/value."""
 
@@ -128,8 +153,8 @@ class UserBranch(nn.Module):
         super().__init__()
         if unconditional not in ("zeros", "off"):
             raise ValueError(f"the user branch's unconditional side must be 'zeros' or 'off', got {unconditional!r}")
-        if query not in ("hidden", "text", "prompt"):
-            raise ValueError(f"the user branch's query must be 'hidden', 'text' or 'prompt', got {query!r}")
+        if query not in ("hidden", "text", "prompt", "tokens"):
+            raise ValueError(f"the user branch's query must be 'hidden', 'text', 'prompt' or 'tokens', got {query!r}")
         self.embed_dim, self.n_tokens, self.scale, self.key_init = embed_dim, n_tokens, scale, key_init
         self.query, self.null_token, self.unconditional, self.gate = query, null_token, unconditional, gate
         self.projection = UserProjection(embed_dim, cross_dim, n_tokens, gate)

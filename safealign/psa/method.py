@@ -22,7 +22,7 @@ from safealign.core.io import atomic_path, read_table, safetensors_bytes
 from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
 from safealign.families import get_family
 from safealign.psa.branch import UserFamily, attach_branch, load_branch, save_branch
-from safealign.psa.pairs import pair_plan, twin_plan, user_pairs
+from safealign.psa.pairs import first_categories, pair_plan, twin_plan, user_pairs
 from safealign.psa.train import train_branch
 from safealign.psa.users import USER_COLUMNS
 
@@ -86,11 +86,13 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     branch.projection.standardise_from(vectors[seen])
     beta, seed = c.beta or params.train.beta, psa_seed * 1000 + 16
     teacher = sets = None
-    if c.teacher == "experts":
-        from safealign.psa.teacher import ExpertsTeacher, teacher_key
+    if c.teacher != "none":
+        from safealign.psa.teacher import ExpertsTeacher, row_ban_sets, teacher_key
 
-        teacher = ExpertsTeacher(params, list(seen_users.banned), device)
-        sets = torch.tensor([teacher.index(seen_users.banned[p[0]], params.categories) for p in plan])
+        row_sets = row_ban_sets(c.teacher, plan, list(seen_users.banned),
+                                first_categories(pair_categories, params.categories))
+        teacher = ExpertsTeacher(params, row_sets, device)
+        sets = torch.tensor([teacher.index(b, params.categories) for b in row_sets])
     key = ""
     if checkpoints is not None:  # the run's identity: resumed only with the same settings, pairs, vectors, models
         vectors_key = hashlib.sha256(vectors.detach().cpu().numpy().tobytes()).hexdigest()

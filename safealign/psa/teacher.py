@@ -7,6 +7,9 @@ banned list to the SafetyDPO experts. The branch is trained to match the teacher
 (``psa.teacher_weight`` times the mean squared difference, beside the preference loss), which tells it, for every
 noisy image and caption, what blocking exactly the user's categories looks like.
 
+``psa.teacher: category`` teaches each pair its own category's expert alone where the user bans that category
+and the base model where the user allows it (``row_ban_sets``).
+
 The teacher holds one LoRA adapter per distinct banned set of the training users, on its own copy of the base
 denoiser; ``predict`` runs each set's rows through its adapter.
 """
@@ -30,6 +33,19 @@ ADAPTER = "ban{}"  # adapter names, by the index of the banned set
 def ban_key(banned: Sequence[str], categories: Sequence[str]) -> tuple[str, ...]:
     """The banned categories in params order (the teacher's identity for a user)."""
     return tuple(c for c in categories if c in set(banned))
+
+
+def row_ban_sets(mode: str, plan: Sequence[tuple[int, int, str, str]], banned: Sequence[Sequence[str]],
+                 first: Sequence[str | None]) -> list[list[str]]:
+    """Each per-user pair's teacher, as the banned set whose merge of experts it is (``[]``: the base model).
+    ``experts``: the pair's user's whole banned set; ``category``: the pair's own category (``first``: each render
+    pair's) where its user bans it, else nothing: a pair of a category the user allows is taught the base model
+    even where the user bans other categories, whose experts would also move it. ``banned``: per user row."""
+    if mode == "experts":
+        return [list(banned[u]) for u, *_ in plan]
+    if mode == "category":
+        return [[first[i]] if first[i] in set(banned[u]) else [] for u, i, *_ in plan]
+    raise ValueError(f"psa.teacher must be 'experts' or 'category', got {mode!r}")
 
 
 def expert_files(categories: Sequence[str], folder: Path = EXPERTS) -> list[Path]:

@@ -83,10 +83,10 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
         loss, distill = out.loss, torch.zeros(())
         if teacher is not None:  # pairs of one banned set (drawn as a pair is): one teacher adapter per step
             pool = (sets == sets[torch.randint(0, len(data), (1,), generator=gen)]).nonzero().flatten()
-            rows = data.select(pool[torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)])
-            both = torch.cat([rows.x0_w, rows.x0_l]).to(fam.device)
+            taught = data.select(pool[torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)])
+            both = torch.cat([taught.x0_w, taught.x0_l]).to(fam.device)
             distill = teacher_term(view, teacher, both, {k: torch.cat([v, v]).to(fam.device)
-                                                         for k, v in rows.cond.items()},
+                                                         for k, v in taught.cond.items()},
                                    torch.full((both.shape[0],), int(sets[pool[0]])), gen)
             loss = loss + cfg.teacher_weight * distill
         opt.zero_grad(set_to_none=True)
