@@ -87,29 +87,23 @@ class UserAttnProcessor(nn.Module):
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  user: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         branch = self._branch[0]
-        if user is None or branch is None or not branch.enabled:
-            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        if branch.query == "tokens":
+        active = user is not None and branch is not None and branch.enabled
+        if active and branch.query == "tokens":  # the prompt's token states edited, then the layer's own attention
             encoder_hidden_states = self._edit_tokens(attn, branch, encoder_hidden_states, user)
-            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if not active or branch.query == "tokens":
+            return out
         if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
             raise ValueError("the user branch supports transformer-block cross-attention (3-d hidden states)")
         b = hidden_states.shape[0]
-        tokens = branch.projection(user.to(hidden_states.dtype))  # (B, N, cross_dim)
         # query "text": the user branch reads the hidden states after the text attention, so it sees what the
         # prompt asked for at each position; "hidden": the same queries as the text attention (PSAlign)
         # "prompt": the text attention's output alone, what the prompt asks for at each position without the image
         q = attn.to_q(hidden_states + out if branch.query == "text" else out if branch.query == "prompt"
                       else hidden_states)
-        k, v = self.to_k_user(tokens), self.to_v_user(tokens)
-        gates = branch.projection.gates(user.to(hidden_states.dtype))
-        if gates is not None:  # psa.gate: a token's value scaled by its gate (0 = the token adds nothing)
-            v = v * gates
+        k, v = self._user_kv(branch, user, hidden_states.dtype)
         heads = attn.heads
         hd = k.shape[-1] // heads
-        if branch.null_token:  # a key of 0 with a value of 0: a query that matches no user key attends to nothing
-            k, v = (torch.cat([x, x.new_zeros(b, 1, x.shape[-1])], 1) for x in (k, v))
         q, k, v = (x.view(b, -1, heads, hd).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, hd)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -119,29 +113,37 @@ class UserAttnProcessor(nn.Module):
         lin = attn.to_out[0]
         u = lin(u) - lin.bias if getattr(lin, "bias", None) is not None else lin(u)
         u = attn.to_out[1](u)
-        if branch.unconditional == "off":  # a zero user vector (the unconditional side) means no user: adds 0
-            u = u * (user != 0).any(-1).to(u.dtype).view(b, 1, 1)
-        return out + branch.scale * u / attn.rescale_output_factor
+        return out + branch.scale * self._for_users(branch, user, u) / attn.rescale_output_factor
 
+    def _user_kv(self, branch: UserBranch, user: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user tokens' keys and values (B, N [+ 1], dim): ``psa.gate`` scales a token's value by its gate (0 =
+        the token adds nothing); ``psa.null_token`` appends a key 0 with a value 0, so a query that matches no user
+        key attends to nothing."""
+        tokens = branch.projection(user.to(dtype))  # (B, N, cross_dim)
+        k, v = self.to_k_user(tokens), self.to_v_user(tokens)
+        gates = branch.projection.gates(user.to(dtype))
+        if gates is not None:
+            v = v * gates
+        if branch.null_token:
+            k, v = (torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], 1) for x in (k, v))
+        return k, v
+
+    @staticmethod
+    def _for_users(branch: UserBranch, user: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, L, d), zeroed on rows whose user vector is zero (guidance's unconditional side) when
+        ``psa.unconditional: off``: no user, no branch."""
+        if branch.unconditional != "off":
+            return x
+        return x * (user != 0).any(-1).to(x.dtype).view(-1, 1, 1)
 
     def _edit_tokens(self, attn: Any, branch: UserBranch, states: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         """``psa.query: tokens``: each prompt token attends to the user tokens (its query: the layer's own text key
         ``to_k(e)``; single head) and the result is added to the token's state before the layer's text attention:
         ``e' = e + scale * Attn(to_k(e), to_k_user(T), to_v_user(T))``, so a user can change what a word means to
         this layer (as UCE edits a concept word's keys and values, but per user). ``to_v_user`` = 0: ``e' = e``."""
-        b = states.shape[0]
-        tokens = branch.projection(user.to(states.dtype))
-        q = attn.to_k(states)
-        k, v = self.to_k_user(tokens), self.to_v_user(tokens)
-        gates = branch.projection.gates(user.to(states.dtype))
-        if gates is not None:
-            v = v * gates
-        if branch.null_token:
-            k, v = torch.cat([k, k.new_zeros(b, 1, k.shape[-1])], 1), torch.cat([v, v.new_zeros(b, 1, v.shape[-1])], 1)
-        d = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        if branch.unconditional == "off":
-            d = d * (user != 0).any(-1).to(d.dtype).view(b, 1, 1)
-        return states + branch.scale * d
+        k, v = self._user_kv(branch, user, states.dtype)
+        d = F.scaled_dot_product_attention(attn.to_k(states).unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return states + branch.scale * self._for_users(branch, user, d)
 
 
 class UserBranch(nn.Module):
