@@ -123,9 +123,12 @@ def test_psa_params_are_validated() -> None:
         params(psa__colour=1)
     for key, bad in (("profile_parts", "halves"), ("query", "keys"), ("unconditional", "none"),
                      ("captions", ["both"]), ("captions", []), ("teacher", "router"), ("teacher_weight", -1),
+                     ("word_weight", -1), ("word_batch", 0),
                      ("focus", 1.5), ("seed", -1), ("seed", "one")):
         with pytest.raises(ParamsError, match=f"psa.{key}"):
             params(**{f"psa__{key}": bad})
+    with pytest.raises(ParamsError, match="psa: word_weight > 0 needs query 'tokens'"):
+        params(psa__word_weight=1.0, psa__query="hidden")
     assert params(method="psa").psa.tokens > 1  # default N > 1
     assert params(psa__seed=3).psa.seed == 3 and params().psa.seed is None  # None: the pipeline's seed
 
@@ -178,6 +181,76 @@ def test_teacher_of_each_pair_from_a_hand_built_table() -> None:
     assert row_ban_sets("category", plan, banned, first) == [["violence"], ["hate"], [], []]
     with pytest.raises(ValueError, match="psa.teacher"):
         row_ban_sets("none", plan, banned, first)
+
+
+def test_word_targets_from_a_hand_built_table() -> None:
+    """psa.word_weight: under the unsafe caption the target is the safe twin where the user bans every category of
+    the pair, the caption itself where they allow every one; none where they ban some or leave one unlisted; the
+    safe caption is kept for everyone; a pair without a params category is never used."""
+    from safealign.psa.pairs import word_plan
+
+    users = pd.DataFrame({"banned": [["violence"], ["violence", "hate"], []],
+                          "allowed": [["hate"], [], ["violence"]]})
+    pair_cats = [["violence"], ["violence", "hate"], [], ["propaganda"]]
+    assert word_plan(users, pair_cats, CATS) == [
+        (0, 0, "unsafe", "safe"), (0, 0, "safe", "same"), (0, 1, "safe", "same"),  # 0 bans violence, allows hate
+        (1, 0, "unsafe", "safe"), (1, 0, "safe", "same"), (1, 1, "unsafe", "safe"), (1, 1, "safe", "same"),
+        (2, 0, "unsafe", "same"), (2, 0, "safe", "same"), (2, 1, "safe", "same"),  # 2 leaves hate unlisted
+    ]
+
+
+def test_word_term_by_hand_and_it_trains_the_edit(tiny_toy: Any, tmp_path: Path) -> None:
+    """The word term is, per row, cross-attention layer and projection P, |P(e') - P(t)|^2 / |P(u) - P(s)|^2 (u, s:
+    the row's twins), averaged: an untrained branch (e' = e) gives exactly 1 on a row whose target is its twin, 0
+    where the target is the caption, and a hand-computed value in between; training on it alone moves each
+    user's edit to the target: the term falls, and the rows whose target is the caption stay near 0."""
+    from types import SimpleNamespace
+
+    from safealign.psa.branch import attach_branch, detach_branch
+    from safealign.psa.train import TEXT, train_branch, word_data, word_term
+    from safealign.training import LOSSES
+    from safealign.training.data import PairData
+
+    fam = tiny_toy
+    g = torch.Generator().manual_seed(7)
+    d = fam.unet.config.cross_attention_dim
+    unsafe, safe = torch.randn(3, 5, d, generator=g), torch.randn(3, 5, d, generator=g)
+    vectors = torch.randn(2, 12, generator=g)
+    branch = attach_branch(fam.unet, 12, 4, 1.0, seed=1, key_init="random", query="tokens", null_token=True,
+                           unconditional="off")
+    try:
+        attns = [m for m in fam.unet.modules() if getattr(m, "is_cross_attention", False)]
+        user = vectors[[0, 1, 0]]
+        mid = (unsafe + safe) / 2
+        want = np.mean([((p(mid[r]) - p(safe[r])).pow(2).sum() / (p(unsafe[r]) - p(safe[r])).pow(2).sum()).item()
+                        for r in range(3) for a in attns for p in (a.to_k, a.to_v)])
+        with torch.no_grad():
+            assert word_term(fam.unet, branch, unsafe, safe, user, unsafe, safe).item() == pytest.approx(1.0)
+            assert word_term(fam.unet, branch, unsafe, unsafe, user, unsafe, safe).item() == 0.0
+            assert word_term(fam.unet, branch, mid, safe, user, unsafe, safe).item() == pytest.approx(want, rel=1e-5)
+        # user 0 bans pair 0's category (target: its twin), user 1 allows it (target: the caption)
+        words = word_data([(0, 0, "unsafe", "safe"), (1, 0, "unsafe", "same"), (0, 0, "safe", "same"),
+                           (1, 0, "safe", "same")],
+                          {"cond." + TEXT: unsafe, "cond_safe." + TEXT: safe}, vectors)
+        assert words.safe_caption.tolist() == [False, False, True, True]
+        assert words.safe_target.tolist() == [True, False, True, True]  # a safe caption's own states are the twin's
+        e, t, u, eu, es = words.select(torch.tensor([0, 1, 2]))
+        assert torch.equal(e[:2], unsafe[[0, 0]]) and torch.equal(e[2], safe[0])
+        assert torch.equal(t[0], safe[0]) and torch.equal(t[1], unsafe[0]) and torch.equal(t[2], safe[0])
+        assert torch.equal(u, vectors[[0, 1, 0]]) and torch.equal(eu, unsafe[[0, 0, 0]]) and torch.equal(es, safe[[0, 0, 0]])
+        with torch.no_grad():
+            cond = {**fam.encode_prompts(["a red circle"] * 2), "xattn.user": vectors}
+        data = PairData(torch.randn(2, 12, 4, 4, generator=g), torch.randn(2, 12, 4, 4, generator=g), cond)
+        cfg = SimpleNamespace(lr=0.01, weight_decay=0.0, steps=200, batch_size=2, sft_weight=0.0, checkpoint_every=0,
+                              focus=0.0, contrast=0.0, word_weight=100.0, word_batch=4)
+        train_branch(fam, branch, data, cfg, 10.0, LOSSES.get("dpo"), 5, tmp_path / "w.csv", words=words)
+        log = pd.read_csv(tmp_path / "w.csv")
+        assert log.words.iloc[-10:].mean() < 0.2 * log.words.iloc[:10].mean()
+        with torch.no_grad():
+            ban, keep = (word_term(fam.unet, branch, *words.select(torch.tensor([r]))).item() for r in (0, 1))
+        assert ban < 0.2 and keep < 0.2  # from 1 and 0: the banning user's edit made, the allowing user's not
+    finally:
+        detach_branch(fam.unet, branch)
 
 
 def test_counterfactual_twins_from_a_hand_built_table() -> None:

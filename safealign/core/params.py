@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safealign.core.categories import CATEGORIES
 from safealign.core.errors import ParamsError, validation_lines
@@ -359,12 +359,24 @@ class Psa(Section):
         "(safealign/psa/teacher.py); category: it matches the expert of the pair's own category where the user "
         "bans it and the base model where they allow it; none: the preference loss alone"))
     teacher_weight: float = Field(10.0, ge=0, description="weight of the teacher term (psa.teacher)")
+    word_weight: float = Field(0.0, ge=0, description=(
+        "weight of the word term (query tokens only): each layer's edit of a caption for a user matched to the "
+        "safe twin's text where the user bans the pair's categories, and to the caption itself where they allow "
+        "them or the caption is safe (UCE's objective, per user); 0 = none"))
+    word_batch: int = Field(64, ge=1, description="rows (user, caption) of the word term per step")
     judge: str = Field("toy", description="PSA judge (safealign.psa.JUDGES)")
     judge_detector: str = Field("toy", description="toy judge: the detector that reads each category's concept")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="vlm judge settings")
     eval_users: int = Field(12, ge=1, description="users per group (seen, unseen) in the evaluation")
     eval_prompts_per_category: int = Field(2, ge=1, description="test prompts per category judged per user")
     win_rate: bool = Field(True, description="PSA's Win Rate against base and the SafetyDPO merged model")
+
+    @model_validator(mode="after")
+    def _word_term_needs_tokens(self) -> Psa:
+        if self.word_weight > 0 and self.query != "tokens":
+            raise ValueError(f"word_weight > 0 needs query 'tokens' (the word term matches the branch's word edits), "
+                             f"got query {self.query!r}")
+        return self
 
     @field_validator("embedder")
     @classmethod

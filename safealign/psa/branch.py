@@ -209,6 +209,18 @@ def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: 
     return branch
 
 
+def token_edits(unet: Any, branch: UserBranch, states: torch.Tensor,
+                user: torch.Tensor) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``psa.query: tokens``: each cross-attention layer (the diffusers ``Attention``) with the prompt's token
+    states as that layer's branch edits them for ``user`` (``_edit_tokens``), without running the denoiser."""
+    if branch.query != "tokens":
+        raise ValueError(f"token edits need the branch's query 'tokens', got {branch.query!r}")
+    modules = dict(unet.named_modules())
+    for key, proc in branch.layers.items():
+        attn = modules[key.replace("__", ".").removesuffix(".processor")]
+        yield attn, proc._edit_tokens(attn, branch, states, user)
+
+
 def detach_branch(unet: Any, branch: UserBranch) -> None:
     """Give every layer its own processor back."""
     unet.set_attn_processor(branch._old)

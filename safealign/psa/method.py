@@ -22,8 +22,8 @@ from safealign.core.io import atomic_path, read_table, safetensors_bytes
 from safealign.core.paths import BASE, CHECKPOINTS, RENDER, base_files
 from safealign.families import get_family
 from safealign.psa.branch import UserFamily, attach_branch, load_branch, save_branch
-from safealign.psa.pairs import first_categories, pair_plan, twin_plan, user_pairs
-from safealign.psa.train import train_branch
+from safealign.psa.pairs import first_categories, pair_plan, twin_plan, user_pairs, word_plan
+from safealign.psa.train import train_branch, word_data
 from safealign.psa.users import USER_COLUMNS
 
 USERS = Path("data/users")
@@ -79,6 +79,9 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
     if c.contrast > 0:  # counterfactual couples: the same images and caption for a user ruled the other way
         rows, twin = twin_plan(plan, seen_users, pair_categories, params.categories, psa_seed)
         twins = (torch.tensor(rows), user_pairs(twin, cache, vectors[seen])) if rows else None
+    words = None
+    if c.word_weight > 0:  # every seen user with every usable render pair: text states only, no images
+        words = word_data(word_plan(seen_users, pair_categories, params.categories), cache, vectors[seen])
     fam = get_family(params.model.family).from_params(params, BASE, device)
     branch = attach_branch(fam.unet, vectors.shape[1], c.tokens, c.scale, seed=psa_seed, key_init=c.key_init,
                            query=c.query, null_token=c.null_token, unconditional=c.unconditional,
@@ -100,7 +103,7 @@ def train_user_branch(params: Any, users: Any, vectors: torch.Tensor, pair_categ
                        files_key([RENDER / "cache.safetensors", *base_files()]),
                        teacher_key(params) if teacher is not None else "")
     summary = train_branch(fam, branch, data, c, beta, LOSSES.get(c.loss), seed, log_csv,
-                           checkpoints=checkpoints, key=key, teacher=teacher, sets=sets, twins=twins)
+                           checkpoints=checkpoints, key=key, teacher=teacher, sets=sets, twins=twins, words=words)
     return fam, branch, plan, data, summary
 
 

@@ -93,3 +93,28 @@ def twin_plan(plan: Sequence[tuple[int, int, str, str]], users: Any, pair_catego
             rows.append(r)
             twins.append((v, i, caption, "unsafe" if side == "safe" else "safe"))
     return rows, twins
+
+
+def word_plan(users: Any, pair_categories: Sequence[Sequence[str]],
+              categories: Sequence[str]) -> list[tuple[int, int, str, str]]:
+    """(user row, render pair row, caption, target) for the word term (``psa.word_weight``): every user with every
+    render pair that has a category in ``categories`` (a pair given none is never used) under both captions. The
+    target is the text the branch should make of the caption for that user: ``safe`` (the safe twin's text
+    states) under the unsafe caption where the user bans every category of the pair, ``same`` (the caption's own
+    states: no edit) where they allow every one of them, and under the safe caption for everyone. A pair whose
+    categories the user bans in part, or neither bans nor allows, has no word target under its unsafe caption
+    (its twin removes them all)."""
+    cats = set(categories)
+    plan = []
+    for u, (banned, allowed) in enumerate(zip(users.banned, users.allowed)):
+        banned, allowed = set(banned), set(allowed)
+        for i, pc in enumerate(pair_categories):
+            own = [c for c in pc if c in cats]
+            if not own:
+                continue
+            if all(c in banned for c in own):
+                plan.append((u, i, "unsafe", "safe"))
+            elif all(c in allowed for c in own):
+                plan.append((u, i, "unsafe", "same"))
+            plan.append((u, i, "safe", "same"))
+    return plan
