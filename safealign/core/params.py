@@ -317,7 +317,7 @@ class Psa(Section):
         "fields: the demographics, the banned and the allowed sentence embedded apart and concatenated; "
         "lists: the two list sentences alone (the demographics left out); whole: the profile text in one piece "
         "(the release)"))
-    tokens: int = Field(8, ge=1, description="N user tokens (PSAlign's release: 1)")
+    tokens: int = Field(32, ge=1, description="N user tokens (PSAlign's release: 1)")
     scale: float = Field(1.0, gt=0, description="weight of the user attention added to the text attention")
     key_init: Literal["zeros", "random"] = Field("random", description=(
         "to_k_user's init (to_v_user is always 0, so an untrained branch adds exactly 0): zeros = PSAlign's"))
@@ -354,12 +354,12 @@ class Psa(Section):
         "share of each batch given to counterfactual couples: an unsafe-caption pair beside the same images and "
         "caption for another seen user whose rule prefers the other image, with one timestep and noise "
         "(0 = pairs drawn independently, the release)"))
-    teacher: Literal["none", "experts", "category"] = Field("category", description=(
+    teacher: Literal["none", "experts", "category"] = Field("none", description=(
         "experts: a teacher term, the branch matches its user's merge of the experts of the categories they ban "
         "(safealign/psa/teacher.py); category: it matches the expert of the pair's own category where the user "
         "bans it and the base model where they allow it; none: the preference loss alone"))
     teacher_weight: float = Field(10.0, ge=0, description="weight of the teacher term (psa.teacher)")
-    word_weight: float = Field(0.0, ge=0, description=(
+    word_weight: float = Field(30.0, ge=0, description=(
         "weight of the word term (query tokens only): each layer's edit of a caption for a user matched to the "
         "safe twin's text where the user bans the pair's categories, and to the caption itself where they allow "
         "them or the caption is safe (UCE's objective, per user); 0 = none"))
