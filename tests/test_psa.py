@@ -225,9 +225,9 @@ def test_word_term_by_hand_and_it_trains_the_edit(tiny_toy: Any, tmp_path: Path)
         want = np.mean([((p(mid[r]) - p(safe[r])).pow(2).sum() / (p(unsafe[r]) - p(safe[r])).pow(2).sum()).item()
                         for r in range(3) for a in attns for p in (a.to_k, a.to_v)])
         with torch.no_grad():
-            assert word_term(fam.unet, branch, unsafe, safe, user, unsafe, safe).item() == pytest.approx(1.0)
-            assert word_term(fam.unet, branch, unsafe, unsafe, user, unsafe, safe).item() == 0.0
-            assert word_term(fam.unet, branch, mid, safe, user, unsafe, safe).item() == pytest.approx(want, rel=1e-5)
+            assert word_term(branch, unsafe, safe, user, unsafe, safe).item() == pytest.approx(1.0)
+            assert word_term(branch, unsafe, unsafe, user, unsafe, safe).item() == 0.0
+            assert word_term(branch, mid, safe, user, unsafe, safe).item() == pytest.approx(want, rel=1e-5)
         # user 0 bans pair 0's category (target: its twin), user 1 allows it (target: the caption)
         words = word_data([(0, 0, "unsafe", "safe"), (1, 0, "unsafe", "same"), (0, 0, "safe", "same"),
                            (1, 0, "safe", "same")],
@@ -247,7 +247,7 @@ def test_word_term_by_hand_and_it_trains_the_edit(tiny_toy: Any, tmp_path: Path)
         log = pd.read_csv(tmp_path / "w.csv")
         assert log.words.iloc[-10:].mean() < 0.2 * log.words.iloc[:10].mean()
         with torch.no_grad():
-            ban, keep = (word_term(fam.unet, branch, *words.select(torch.tensor([r]))).item() for r in (0, 1))
+            ban, keep = (word_term(branch, *words.select(torch.tensor([r]))).item() for r in (0, 1))
         assert ban < 0.2 and keep < 0.2  # from 1 and 0: the banning user's edit made, the allowing user's not
     finally:
         detach_branch(fam.unet, branch)

@@ -198,6 +198,7 @@ def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: 
             attn = modules[name.removesuffix(".processor")]
             if attn.is_cross_attention:
                 p = UserAttnProcessor(proc, branch, attn.cross_attention_dim, attn.to_k.out_features)
+                p._attn = [attn]  # the layer it serves (a list: not registered as a submodule)
                 branch.layers[name.replace(".", "__")] = p
             else:
                 p = UserAttnProcessor(proc, None)
@@ -209,15 +210,13 @@ def attach_branch(unet: Any, embed_dim: int, n_tokens: int, scale: float, seed: 
     return branch
 
 
-def token_edits(unet: Any, branch: UserBranch, states: torch.Tensor,
-                user: torch.Tensor) -> Iterator[tuple[Any, torch.Tensor]]:
+def token_edits(branch: UserBranch, states: torch.Tensor, user: torch.Tensor) -> Iterator[tuple[Any, torch.Tensor]]:
     """``psa.query: tokens``: each cross-attention layer (the diffusers ``Attention``) with the prompt's token
     states as that layer's branch edits them for ``user`` (``_edit_tokens``), without running the denoiser."""
     if branch.query != "tokens":
         raise ValueError(f"token edits need the branch's query 'tokens', got {branch.query!r}")
-    modules = dict(unet.named_modules())
-    for key, proc in branch.layers.items():
-        attn = modules[key.replace("__", ".").removesuffix(".processor")]
+    for proc in branch.layers.values():
+        attn = proc._attn[0]
         yield attn, proc._edit_tokens(attn, branch, states, user)
 
 

@@ -65,7 +65,7 @@ def word_data(plan: list[tuple[int, int, str, str]], cache: dict[str, torch.Tens
                     vectors)
 
 
-def word_term(unet: Any, branch: UserBranch, states: torch.Tensor, target: torch.Tensor, user: torch.Tensor,
+def word_term(branch: UserBranch, states: torch.Tensor, target: torch.Tensor, user: torch.Tensor,
               unsafe: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
     """How far each cross-attention layer's word edit (``psa.query: tokens``) is from the target text, row by row
     relative to the gap between the row's twins: per layer and projection P (to_k, to_v),
@@ -75,7 +75,7 @@ def word_term(unet: Any, branch: UserBranch, states: torch.Tensor, target: torch
     pair weighs the same, whether its twins differ in one colour word or in a background that changes every
     later token's state."""
     total, n = torch.zeros(states.shape[0], device=states.device), 0
-    for attn, edited in token_edits(unet, branch, states, user):
+    for attn, edited in token_edits(branch, states, user):
         for proj in (attn.to_k, attn.to_v):
             with torch.no_grad():
                 want = proj(target).float()
@@ -153,7 +153,7 @@ def train_branch(fam: Any, branch: UserBranch, data: PairData, cfg: Any, beta: f
             loss = loss + cfg.teacher_weight * distill
         if words is not None:
             picked = words.select(torch.randint(0, len(words), (cfg.word_batch,), generator=gen))
-            wording = word_term(fam.unet, branch, *(x.to(fam.device) for x in picked))
+            wording = word_term(branch, *(x.to(fam.device) for x in picked))
             loss = loss + cfg.word_weight * wording
         opt.zero_grad(set_to_none=True)
         loss.backward()
